@@ -1,0 +1,1 @@
+"""Feature sets: the data object every trainer takes, shards, datasets and backbones."""

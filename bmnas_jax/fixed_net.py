@@ -1,0 +1,75 @@
+"""The fixed fusion network a genotype describes."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+
+from bmnas_jax import layers, ops
+from bmnas_jax.data.feature_set import NodeSpec
+from bmnas_jax.genotype import CellGene, Genotype, GenotypeError, validate
+from bmnas_jax.reshape import ReshapeInput
+
+
+class FixedCell(nn.Module):
+  """A Cell with one op per step, as the genotype says.
+
+  Args (call): x, y `[N, C, L]`. Returns `[N, C, L]`.
+  """
+  gene: CellGene
+  fidelity: str = "paper"
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, y: jax.Array, train: bool = False) -> jax.Array:
+    states = [x, y]
+    for i, step in enumerate(self.gene.steps):
+      op = ops.make_op(step.op, self.fidelity, self.dropout, name=f"step{i}_{step.op}")
+      states.append(op(states[step.inputs[0]], states[step.inputs[1]], train))
+    return layers.CellTail(self.dropout, name="tail")(
+        [states[j] for j in self.gene.concat], x, train)
+
+
+class FixedNet(nn.Module):
+  """Reshape layers for the used features, the genotype's Cells, the head.
+
+  Args (call): features: node name -> `[N, C_in, L_in]`. Returns logits `[N, K]`.
+  """
+  nodes: tuple[NodeSpec, ...]
+  genotype: Genotype
+  C: int
+  L: int
+  num_classes: int
+  fidelity: str = "paper"
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, features: Mapping[str, jax.Array], train: bool = False) -> jax.Array:
+    g = self.genotype
+    used = set(g.used_nodes())
+    states = [ReshapeInput(self.C, self.L, self.dropout, name=f"reshape_{n.name}")(
+        features[n.name], train) if n.name in used else None for n in self.nodes]
+    for k, gene in enumerate(g.cells):
+      cell = FixedCell(gene, self.fidelity, self.dropout, name=f"cell_{k}")
+      states.append(cell(states[gene.inputs[0]], states[gene.inputs[1]], train))
+    return layers.FusionHead(self.num_classes, name="head")([states[u] for u in g.concat])
+
+
+def check_genotype_nodes(genotype: Genotype, nodes: Sequence[NodeSpec]) -> None:
+  """The genotype's node list must equal the feature set's (names and order)."""
+  names = tuple(n.name for n in nodes)
+  if tuple(genotype.nodes) != names:
+    raise GenotypeError(f"nodes: genotype has {list(genotype.nodes)}, but the data/config "
+                        f"has {list(names)}")
+
+
+def fixed_net_from_config(config, nodes: Sequence[NodeSpec], genotype: Genotype,
+                          dropout: float | None = None) -> FixedNet:
+  """Builds the fixed network for `genotype` with `config.model` shapes."""
+  validate(genotype)
+  check_genotype_nodes(genotype, nodes)
+  m = config.model
+  return FixedNet(tuple(nodes), genotype, m.C, m.L, m.num_classes, config.fidelity,
+                  m.dropout if dropout is None else dropout)

@@ -1,0 +1,41 @@
+"""Input reshape layers: pooled features `[N, C_in, L_in]` -> `[N, C, L]`."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bmnas_jax import layers
+
+
+def resize_nearest(x: jax.Array, length: int) -> jax.Array:
+  """Nearest-neighbour resize of the last axis (PyTorch `F.interpolate` default).
+
+  Args: x `[N, C, L_in]`. Returns `[N, C, length]`, index floor(i * L_in / length).
+  """
+  l_in = x.shape[-1]
+  if l_in == length:
+    return x
+  idx = np.floor(np.arange(length) * (l_in / length)).astype(np.int32)
+  return jnp.take(x, jnp.asarray(np.minimum(idx, l_in - 1)), axis=-1)
+
+
+class ReshapeInput(nn.Module):
+  """Resize to L, 1x1 conv C_in -> C, BatchNorm, ReLU, Dropout.
+
+  Spatial pooling happens at extraction (the shards hold `[C_in, L_in]`); this
+  is the learned part. Args: x `[N, C_in, L_in]`. Returns `[N, C, L]`.
+  """
+  C: int
+  L: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = resize_nearest(x, self.L)
+    x = layers.PointwiseConv(self.C, name="conv")(x)
+    x = layers.batch_norm(train, name="bn")(x)
+    x = nn.relu(x)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)

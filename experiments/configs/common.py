@@ -1,0 +1,58 @@
+"""Shared defaults for every experiment config (the original release's shared settings)."""
+
+import ml_collections
+
+
+def weight_opt(lr_max: float, weight_decay: float, t_i: float = 1, t_mult: float = 2,
+               lr_min: float = 1e-6) -> ml_collections.ConfigDict:
+  """Adam with L2 (PyTorch style) and cosine warm restarts stepped per batch."""
+  return ml_collections.ConfigDict(dict(
+      lr_max=lr_max, lr_min=lr_min, weight_decay=weight_decay, t_i=t_i, t_mult=t_mult,
+      b1=0.9, b2=0.999))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Keys every experiment has; dataset configs fill in shapes and hyperparameters."""
+  c = ml_collections.ConfigDict()
+  c.name = ""
+  c.fidelity = "paper"              # 'paper' or 'reference' (the original release's ops)
+  c.seed = 0
+  c.seeds = 1                       # seeds trained together under vmap
+  c.stages = "search,evaluate"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.modalities = ()
+  c.data.channels = ml_collections.ConfigDict()   # modality -> C_in per tapped feature
+  c.data.length = 8                 # L_in of the stored (pooled) features
+  c.data.lengths = ml_collections.ConfigDict()    # optional modality -> per-node L_in
+  c.data.label_kind = "single"      # 'single' (CE) or 'multi' (BCE)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.C = 128
+  c.model.L = 8
+  c.model.num_cells = 2             # Cells in the upper level
+  c.model.multiplier = 2            # last Cells concatenated for the head
+  c.model.steps = 2                 # inner steps per Cell
+  c.model.node_multiplier = 2       # last steps concatenated in a Cell
+  c.model.num_classes = 2
+  c.model.dropout = 0.0
+  c.model.two_slot = False          # separate x / y input weights during search
+  c.model.cell_inputs = "all"       # 'all' (paper) or 'features_only' (release parser)
+
+  c.metric = ml_collections.ConfigDict(dict(name="accuracy", threshold=0.3))
+
+  c.search = ml_collections.ConfigDict()
+  c.search.epochs = 30
+  c.search.batch_size = 96
+  c.search.alternation = "epoch"    # 'epoch' (release) or 'step' (DARTS)
+  c.search.weight_opt = weight_opt(1e-3, 3e-4)
+  c.search.arch_opt = ml_collections.ConfigDict(dict(lr=3e-4, b1=0.5, b2=0.999,
+                                                     weight_decay=1e-3))
+
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.epochs = 50
+  c.evaluate.batch_size = 96
+  c.evaluate.dropout = 0.0
+  c.evaluate.train_splits = ("train", "val")
+  c.evaluate.weight_opt = weight_opt(1e-3, 3e-4)
+  return c

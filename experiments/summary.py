@@ -1,0 +1,28 @@
+"""Prints one JSON object describing a config's search hypernet or a genotype's fixed network.
+
+  python -m experiments.summary --config experiments/configs/ntu.py \
+      [--genotype FILE] [--config.fidelity=reference]
+"""
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from bmnas_jax import genotype as genotype_lib
+from bmnas_jax.summary import describe
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_GENOTYPE = flags.DEFINE_string("genotype", None, "Genotype JSON: describe the fixed network.")
+
+
+def main(argv):
+  del argv
+  g = genotype_lib.load(_GENOTYPE.value) if _GENOTYPE.value else None
+  print(json.dumps(describe(_CONFIG.value, genotype=g)))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

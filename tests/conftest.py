@@ -1,0 +1,55 @@
+"""Shared tiny configs and inputs for the tests."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import pytest  # noqa: E402
+
+from experiments.configs import common  # noqa: E402
+
+
+def tiny_config(fidelity: str = "paper", **model) -> ml_collections.ConfigDict:
+  """Two modalities, five features of mixed C_in and L_in, C=8, L=4."""
+  c = common.base_config()
+  c.name = "tiny"
+  c.fidelity = fidelity
+  c.data.modalities = ("A", "B")
+  c.data.channels = {"A": (6, 5), "B": (4, 3, 7)}
+  c.data.length = 4
+  c.data.lengths = {"A": (4, 6), "B": (4, 2, 4)}
+  c.model.C, c.model.L = 8, 4
+  c.model.num_cells, c.model.multiplier = 2, 2
+  c.model.steps, c.model.node_multiplier = 2, 2
+  c.model.num_classes = 3
+  c.model.dropout = 0.1
+  c.model.update(model)
+  return c
+
+
+def random_features(nodes, batch: int = 4, seed: int = 0):
+  keys = jax.random.split(jax.random.key(seed), len(nodes))
+  return {n.name: jax.random.normal(k, (batch, n.channels, n.length))
+          for k, n in zip(keys, nodes)}
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config()
+
+
+def jit_init(module, *args, seed: int = 0):
+  """`module.init` as one compiled program (eager init compiles op by op)."""
+  return jax.jit(lambda key, *a: module.init(key, *a))(jax.random.key(seed), *args)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trace_counter():
+  """chex counts traces per function body; parametrized tests reuse bodies."""
+  import chex
+  chex.clear_trace_counter()
+  yield

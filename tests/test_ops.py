@@ -1,0 +1,133 @@
+"""Primitive ops: shapes in both fidelities and hand-computed values."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bmnas_jax import ops
+
+X = np.array([[[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]], np.float32)     # [1, C=2, L=3]
+Y = np.array([[[1.0, 2.0, 0.5], [3.0, 4.0, -2.0]]], np.float32)
+
+
+def _init_apply(op, x, y, train=False, params=None):
+  v = op.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, y)
+  if params is not None:
+    v = {**v, "params": params}
+  out = op.apply(v, x, y, train, rngs={"dropout": jax.random.key(2)},
+                 mutable=["batch_stats"] if train else False)
+  return (out[0] if train else out), v
+
+
+def _attention_by_hand(x, y):
+  c, l = x.shape[1], x.shape[2]
+  out = np.zeros_like(x)
+  for q in range(l):
+    scores = np.array([sum(x[0, ch, q] * y[0, ch, k] for ch in range(c)) / math.sqrt(c)
+                       for k in range(l)])
+    w = np.exp(scores - scores.max())
+    w /= w.sum()
+    for ch in range(c):
+      out[0, ch, q] = sum(w[k] * y[0, ch, k] for k in range(l))
+  return out
+
+
+def _layer_norm_cl(z, scale=1.0, bias=0.0, eps=1e-5):
+  mu, var = z.mean(axis=(1, 2), keepdims=True), z.var(axis=(1, 2), keepdims=True)
+  return (z - mu) / np.sqrt(var + eps) * scale + bias
+
+
+@pytest.mark.parametrize("fidelity", ops.FIDELITIES)
+@pytest.mark.parametrize("name", ops.STEP_OPS + ("Zero",))
+def test_shapes(fidelity, name):
+  x = jnp.ones((3, 4, 5))
+  out, _ = _init_apply(ops.make_op(name, fidelity, 0.2), x, 2 * x, train=True)
+  assert out.shape == (3, 4, 5)
+
+
+def test_zero_and_sum():
+  for fid in ops.FIDELITIES:
+    np.testing.assert_array_equal(_init_apply(ops.make_op("Zero", fid), X, Y)[0], 0 * X)
+    np.testing.assert_array_equal(_init_apply(ops.make_op("Sum", fid), X, Y)[0], X + Y)
+
+
+def test_attention_paper_by_hand():
+  out, v = _init_apply(ops.make_op("ScaleDotAttn", "paper"), X, Y)
+  assert v == {}
+  np.testing.assert_allclose(out, _attention_by_hand(X, Y), rtol=1e-6)
+
+
+def test_attention_reference_adds_layer_norm():
+  out, v = _init_apply(ops.make_op("ScaleDotAttn", "reference", 0.5), X, Y)
+  assert jax.tree.map(np.shape, v["params"]) == {"ln": {"scale": (2, 3), "bias": (2, 3)}}
+  np.testing.assert_allclose(out, _layer_norm_cl(_attention_by_hand(X, Y)), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_linear_glu_paper_eq7():
+  w1 = np.array([[1.0, 2.0], [0.5, -1.0]], np.float32)   # [C_in, C_out]
+  w2 = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
+  params = {"w1": {"kernel": w1}, "w2": {"kernel": w2}}
+  out, _ = _init_apply(ops.make_op("LinearGLU", "paper"), X, Y, params=params)
+  want = np.zeros_like(X)
+  for d in range(2):
+    for l in range(3):
+      a = sum(X[0, c, l] * w1[c, d] for c in range(2))
+      b = sum(Y[0, c, l] * w2[c, d] for c in range(2))
+      want[0, d, l] = a / (1 + math.exp(-b))
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_concat_fc_paper_eq8():
+  w = np.arange(8, dtype=np.float32).reshape(4, 2) / 4 - 1    # [2C, C]
+  b = np.array([0.1, -0.2], np.float32)
+  out, _ = _init_apply(ops.make_op("ConcatFC", "paper"), X, Y,
+                       params={"conv": {"kernel": w, "bias": b}})
+  cat = np.concatenate([X, Y], axis=1)[0]                    # [2C, L]
+  want = np.maximum(w.T @ cat + b[:, None], 0)[None]
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_linear_glu_reference_conv_bn_glu():
+  op = ops.make_op("LinearGLU", "reference", 0.3)
+  v = op.init(jax.random.key(0), X, Y)
+  assert jax.tree.map(np.shape, v["params"]) == {
+      "conv": {"kernel": (4, 4), "bias": (4,)}, "bn": {"scale": (4,), "bias": (4,)}}
+  k, b = np.asarray(v["params"]["conv"]["kernel"]), np.asarray(v["params"]["conv"]["bias"])
+  z = k.T @ np.concatenate([X, Y], axis=1)[0] + b[:, None]         # [2C, L]
+  z = z / np.sqrt(1 + 1e-5)                                         # eval BN, fresh stats
+  want = (z[:2] / (1 + np.exp(-z[2:])))[None]
+  np.testing.assert_allclose(op.apply(v, X, Y, False), want, rtol=1e-5, atol=1e-6)
+  # train mode: BatchNorm uses the batch statistics over (N, L) per channel
+  xb = np.concatenate([X, Y, X * 2], axis=0)
+  yb = np.concatenate([Y, X, -Y], axis=0)
+  out, upd = op.apply(v, xb, yb, True, rngs={"dropout": jax.random.key(0)},
+                      mutable=["batch_stats"])
+  z = np.einsum("cd,ncl->ndl", k, np.concatenate([xb, yb], axis=1)) + b[None, :, None]
+  mu, var = z.mean(axis=(0, 2), keepdims=True), z.var(axis=(0, 2), keepdims=True)
+  z = (z - mu) / np.sqrt(var + 1e-5)
+  glu = z[:, :2] / (1 + np.exp(-z[:, 2:]))
+  kept = np.asarray(out) != 0                                       # dropout zeroes some
+  np.testing.assert_allclose(np.asarray(out)[kept], (glu / 0.7)[kept], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["bn"]["mean"], 0.1 * mu.ravel(), rtol=1e-5)
+
+
+def test_concat_fc_reference_has_bn():
+  op = ops.make_op("ConcatFC", "reference", 0.0)
+  v = op.init(jax.random.key(0), X, Y)
+  k, b = np.asarray(v["params"]["conv"]["kernel"]), np.asarray(v["params"]["conv"]["bias"])
+  want = np.maximum((k.T @ np.concatenate([X, Y], axis=1)[0] + b[:, None])
+                    / np.sqrt(1 + 1e-5), 0)[None]
+  np.testing.assert_allclose(op.apply(v, X, Y, False), want, rtol=1e-5, atol=1e-6)
+
+
+def test_registry_errors():
+  with pytest.raises(KeyError, match="valid ops: Zero, Sum, ScaleDotAttn"):
+    ops.make_op("Conv3x3")
+  with pytest.raises(ValueError, match="unknown fidelity 'pytorch'"):
+    ops.make_op("Sum", "pytorch")
+  assert ops.step_op_pool("paper") == ("Zero",) + ops.STEP_OPS
+  assert ops.step_op_pool("reference") == ops.STEP_OPS
