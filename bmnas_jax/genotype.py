@@ -258,7 +258,7 @@ def derive(arch: Mapping[str, Any], node_names: Sequence[str], *, num_cells: int
   features and earlier Cells, and no two Cells take the same pair (footnote 1).
   `cell_inputs='features_only'` (the original release's parser): candidates are
   the features only, and each Cell's pair must contain a feature that no earlier
-  Cell took. Lower level: each step takes its two strongest inner edges (the
+  Cell took (once every feature is taken: a pair no earlier Cell took). Lower level: each step takes its two strongest inner edges (the
   same input may feed several steps) and its strongest non-Zero op.
 
   Args:
@@ -276,16 +276,17 @@ def derive(arch: Mapping[str, Any], node_names: Sequence[str], *, num_cells: int
     a = arch[f"cell_{k}"]
     w = _softmax(np.asarray(a["alpha"]))[..., ops.IDENTITY]
     wx, wy = (w[0], w[1]) if two_slot else (w, w)
+    new_pair = lambda i, j: frozenset((i, j)) not in used_pairs
     if cell_inputs == "all":
-      cands = range(n + k)
-      allowed = lambda i, j: frozenset((i, j)) not in used_pairs
+      pair = _best_pair(wx, wy, range(n + k), new_pair, ordered=two_slot)
     else:
-      cands = range(n)
-      allowed = lambda i, j: i not in used_nodes or j not in used_nodes
-    pair = _best_pair(wx, wy, cands, allowed, ordered=two_slot)
+      new_node = lambda i, j: i not in used_nodes or j not in used_nodes
+      pair = (_best_pair(wx, wy, range(n), new_node, ordered=two_slot)
+              # once every feature is used, fall back to "no repeated pair"
+              or _best_pair(wx, wy, range(n), new_pair, ordered=two_slot))
     if pair is None:
       raise ValueError(f"cannot derive Cell {k}: every pair of the {n} features is taken "
-                       f"(cell_inputs={cell_inputs!r} needs more features than Cells)")
+                       f"(cell_inputs={cell_inputs!r}: more Cells than feature pairs)")
     used_pairs.add(frozenset(pair))
     used_nodes.update(pair)
     cell_steps = _derive_steps(np.asarray(a["beta"]), np.asarray(a["gamma"]), pool, steps,

@@ -2,10 +2,22 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Four fake CPU devices; cheap LLVM optimisation (tiny shapes: compile time dominates).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
+                      "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
+
+# One XLA cache for the session (and the subprocesses it starts): trainers built
+# again for the same shapes reuse the compiled programs.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               tempfile.mkdtemp(prefix="bmnas-xla-cache-"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
@@ -53,3 +65,21 @@ def _fresh_trace_counter():
   import chex
   chex.clear_trace_counter()
   yield
+
+
+def planted_config(**overrides):
+  """The planted task, shrunk for tests (one device unless asked)."""
+  from experiments.configs import planted
+  c = planted.get_config()
+  c.devices = 1
+  c.seeds = 2
+  c.data.sizes = (256, 128, 128)
+  c.search.epochs, c.search.batch_size = 3, 32
+  c.evaluate.epochs, c.evaluate.batch_size = 2, 32
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c

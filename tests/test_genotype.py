@@ -59,6 +59,22 @@ def test_two_slot_derivation_is_ordered():
   assert g.cells[0].steps == (G.StepGene("ScaleDotAttn", (1, 0)),)
 
 
+def test_features_only_falls_back_to_new_pairs_when_every_feature_is_used():
+  arch = {f"cell_{k}": {"alpha": _edges(np.array([3.0, 2.0, 1.0, 0.0, 0.0, 0.0][:4 + k])),
+                        "beta": np.zeros((2, 2)), "gamma": np.zeros((1, 4))} for k in range(3)}
+  g = G.derive(arch, NAMES, num_cells=3, steps=1, multiplier=1, node_multiplier=1,
+               fidelity="reference", cell_inputs="features_only")
+  # (0, 1) first; then a pair with a new feature: (0, 2); then (0, 3); all distinct
+  assert [c.inputs for c in g.cells] == [(0, 1), (0, 2), (0, 3)]
+  rows = [[0.0, 0.0, 5.0, 5.0], [4.0, 4.0, 0.0, 0.0, 0.0], [3.0, 0.0, 2.0, 0.0, 0.0, 0.0]]
+  arch = {f"cell_{k}": {"alpha": _edges(np.array(rows[k])), "beta": np.zeros((2, 2)),
+                        "gamma": np.zeros((1, 4))} for k in range(3)}
+  g = G.derive(arch, NAMES, num_cells=3, steps=1, multiplier=1, node_multiplier=1,
+               fidelity="reference", cell_inputs="features_only")
+  # (2, 3), then (0, 1): every feature is used, so Cell 3 takes the best unused pair (0, 2)
+  assert [c.inputs for c in g.cells] == [(2, 3), (0, 1), (0, 2)]
+
+
 def test_features_only_runs_out_of_pairs():
   arch = {f"cell_{k}": {"alpha": np.zeros((2 + k, 2)), "beta": np.zeros((2, 2)),
                         "gamma": np.zeros((1, 4))} for k in range(2)}
@@ -76,7 +92,7 @@ def _random_setup(draw):
   fidelity = draw(st.sampled_from(["paper", "reference"]))
   mode = draw(st.sampled_from(["all", "features_only"]))
   if mode == "features_only":
-    cells = min(cells, n - 1)
+    cells = min(cells, n * (n - 1) // 2)
   slot = (2,) if two_slot else ()
   floats = st.floats(-4, 4, width=32)
   pool = 5 if fidelity == "paper" else 4

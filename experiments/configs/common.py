@@ -19,8 +19,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.seeds = 1                       # seeds trained together under vmap
   c.stages = "search,evaluate"
+  c.devices = 0                     # devices in the mesh (0: all visible)
+  c.seed_shards = 1                 # mesh axis for seeds (must divide the devices)
+  c.distributed = False             # jax.distributed.initialize() (multi-host)
 
   c.data = ml_collections.ConfigDict()
+  c.data.source = ""                # a name in bmnas_jax.data.datasets.DATASETS
   c.data.modalities = ()
   c.data.channels = ml_collections.ConfigDict()   # modality -> C_in per tapped feature
   c.data.length = 8                 # L_in of the stored (pooled) features
@@ -54,5 +58,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.batch_size = 96
   c.evaluate.dropout = 0.0
   c.evaluate.train_splits = ("train", "val")
+  c.evaluate.genotype = ""          # genotype file; default: the search's best_genotype.json
   c.evaluate.weight_opt = weight_opt(1e-3, 3e-4)
   return c

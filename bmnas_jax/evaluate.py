@@ -1,0 +1,125 @@
+"""The evaluation trainer: the genotype's fixed network retrained over seeds under vmap."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from bmnas_jax import genotype as genotype_lib
+from bmnas_jax import loop, optim
+from bmnas_jax.checkpoint import write_json_atomic, write_jsonl_atomic
+from bmnas_jax.data.feature_set import FeatureSet
+from bmnas_jax.fixed_net import fixed_net_from_config
+from bmnas_jax.search import check_data_against_config, seed_keys, seed_list
+from bmnas_jax.steps import Steps, TrainState
+
+
+def mean_std(values) -> dict[str, float]:
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std(ddof=0)), "values": v.tolist()}
+
+
+def run_evaluate(config, fs: FeatureSet, genotype: genotype_lib.Genotype, workdir: str,
+                 stage: str = "evaluate") -> dict:
+  """Retrains `genotype` on `config.evaluate.train_splits` for `config.seeds` seeds.
+
+  Reports the test metric at the final epoch (per seed, mean ± std), and separately
+  the test metric at the epoch the validation split selects (best val metric; when
+  val is among the training splits it is not held out, and the result says so).
+  The test split is never used to select anything. Writes `workdir/<stage>/
+  metrics.jsonl` (a line per epoch) and `metrics.json` (the result).
+  """
+  fs.validate("features")
+  check_data_against_config(config, fs)
+  ec = config.evaluate
+  if not isinstance(ec.epochs, int) or ec.epochs < 1:
+    raise ValueError(f"config.evaluate.epochs={ec.epochs!r} must be a positive int")
+  if "test" in ec.train_splits:
+    raise ValueError("config.evaluate.train_splits must not contain 'test'")
+  seeds = seed_list(config)
+  mesh = loop.mesh_from_config(config)
+  loop.check_batch_divides(ec.batch_size, mesh, "config.evaluate.batch_size")
+  model = fixed_net_from_config(config, fs.nodes, genotype, dropout=ec.dropout)
+  train_split = loop.concat_splits(fs, tuple(ec.train_splits))
+  n_train, n_val, n_test = len(train_split), len(fs.splits["val"]), len(fs.splits["test"])
+  batch = ec.batch_size
+  nb = loop.num_batches(n_train, batch, "config.evaluate.batch_size")
+  w_tx = optim.weight_optimizer(ec.weight_opt, n_train / batch, ec.epochs * nb)
+  steps = Steps(model, fs.label_kind, w_tx, None, config.metric.name, config.metric.threshold)
+  train = loop.device_split(train_split, mesh)
+  val = loop.device_split(fs.splits["val"], mesh)
+  test = loop.device_split(fs.splits["test"], mesh)
+  sample = jax.tree.map(lambda a: a[:2], train["x"])
+  val_held_out = "val" not in ec.train_splits
+
+  def init_one(key):
+    k_params, k_drop = jax.random.split(key)
+    v = model.init({"params": k_params, "dropout": k_drop}, sample, False)
+    return TrainState(v["params"], {}, v.get("batch_stats", {}), w_tx.init(v["params"]), (),
+                      key)
+
+  traces = [0]
+
+  def epoch_one(state, train, val, test, epoch):
+    traces[0] += 1
+    k_perm, k_w = jax.random.split(jax.random.fold_in(state.key, epoch))
+    idx = loop.shuffled_batches(k_perm, n_train, batch, nb)
+    state, wm = loop.scan_steps(steps.weight_step, state, train, idx, k_w, mesh)
+    ev_val = loop.evaluate_split(steps, state, val, n_val, batch, mesh)
+    ev_test = loop.evaluate_split(steps, state, test, n_test, batch, mesh)
+    return state, {"train_loss": wm["loss"], "bad_step": wm["bad_step"],
+                   "bad_code": wm["bad_code"], "val_loss": ev_val["loss"],
+                   "val_metric": ev_val["metric"], "test_loss": ev_test["loss"],
+                   "test_metric": ev_test["metric"]}
+
+  stage_dir = os.path.join(workdir, stage)
+  with jax.set_mesh(mesh):
+    keys = loop.shard_seeds(seed_keys(seeds, 1), mesh)
+    states = jax.jit(jax.vmap(init_one))(keys)
+    epoch_vmapped = jax.jit(jax.vmap(epoch_one, in_axes=(0, None, None, None, None),
+                                     spmd_axis_name=loop.SEED))
+
+    def on_epoch(epoch, states, m, seconds, extra):
+      loop.describe_bad(f"{stage} weight step", epoch, seeds, m["bad_step"], m["bad_code"])
+      rec = {"epoch": epoch, "seconds": round(seconds, 4), "seeds": seeds,
+             "metric": config.metric.name}
+      for k in ("train_loss", "val_loss", "val_metric", "test_loss", "test_metric"):
+        rec[k] = [float(v) for v in m[k]]
+        if not np.all(np.isfinite(rec[k])):
+          raise FloatingPointError(f"divergence in {stage} at epoch {epoch}: non-finite {k}")
+      return rec
+
+    def write_outputs(history, extra):
+      write_jsonl_atomic(os.path.join(stage_dir, "metrics.jsonl"), history)
+      if len(history) == ec.epochs:
+        write_json_atomic(os.path.join(stage_dir, "metrics.json"),
+                          summarize(history, seeds, config, genotype, val_held_out, stage))
+
+    fp = {"genotype": genotype.to_json_dict(), "evaluate": json.loads(ec.to_json()),
+          "model": json.loads(config.model.to_json()), "fidelity": config.fidelity,
+          "seed": config.seed, "seeds": config.seeds, "metric": json.loads(config.metric.to_json())}
+    _, history, _ = loop.run_epochs(
+        stage_dir, fp, states, lambda st, e: epoch_vmapped(st, train, val, test, e), ec.epochs,
+        on_epoch, write_outputs, stage, {})
+  return {**summarize(history, seeds, config, genotype, val_held_out, stage),
+          "epoch_traces": traces[0]}
+
+
+def summarize(history, seeds, config, genotype, val_held_out: bool, stage: str) -> dict:
+  """Final-epoch test metric and the val-selected epoch's test metric, per seed."""
+  val = np.asarray([r["val_metric"] for r in history])          # [epochs, S]
+  test = np.asarray([r["test_metric"] for r in history])
+  sel = np.argmax(val, axis=0)                                   # first best epoch per seed
+  return {
+      "stage": stage, "metric": config.metric.name, "seeds": seeds,
+      "epochs": len(history), "train_splits": list(config.evaluate.train_splits),
+      "genotype": genotype.to_json_dict(),
+      "final_test": mean_std(test[-1]),
+      "final_val": mean_std(val[-1]),
+      "val_selected": {"epoch": sel.tolist(), "val_held_out": val_held_out,
+                       "test": mean_std(test[sel, np.arange(len(seeds))])},
+      "seconds": round(sum(r["seconds"] for r in history), 3),
+  }

@@ -1,0 +1,42 @@
+"""The stages of an experiment, run in order, each reading what the previous one wrote."""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+
+from bmnas_jax import genotype as genotype_lib
+from bmnas_jax.data.datasets import load_features
+from bmnas_jax.evaluate import run_evaluate
+from bmnas_jax.search import run_search
+
+STAGES = ("search", "evaluate")
+
+
+def parse_stages(spec: str) -> tuple[str, ...]:
+  stages = tuple(s.strip() for s in spec.split(",") if s.strip())
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown or not stages:
+    raise ValueError(f"config.stages={spec!r}: unknown stage(s) {unknown}; valid: "
+                     f"{', '.join(STAGES)}")
+  return stages
+
+
+def run(config, workdir: str) -> dict:
+  """Runs `config.stages` in `workdir`; returns each stage's result."""
+  workdir = os.path.abspath(workdir)
+  stages = parse_stages(config.stages)
+  os.makedirs(workdir, exist_ok=True)
+  fs = load_features(config, workdir)
+  results = {}
+  if "search" in stages:
+    results["search"] = run_search(config, fs, workdir)
+    logging.info("search: best genotype %s", results["search"].genotype.to_json())
+  if "evaluate" in stages:
+    path = config.evaluate.get("genotype") or os.path.join(workdir, "search", "best_genotype.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no genotype to evaluate (run the search stage or set "
+                              f"config.evaluate.genotype)")
+    results["evaluate"] = run_evaluate(config, fs, genotype_lib.load(path), workdir)
+  return results

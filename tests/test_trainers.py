@@ -1,0 +1,179 @@
+"""The search and evaluation trainers end to end on the planted task."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bmnas_jax import checkpoint, pipeline
+from bmnas_jax.data.datasets import load_features
+from bmnas_jax.search import run_search
+from tests.conftest import planted_config
+
+PLANTED = ("A_2", "B_3")
+
+
+def _strip_seconds(records):
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+  """Five seeds searched and evaluated together (the module's reference run)."""
+  c = planted_config(**{"seeds": 5, "search.epochs": 5, "evaluate.epochs": 4})
+  workdir = str(tmp_path_factory.mktemp("planted"))
+  return c, workdir, pipeline.run(c, workdir)
+
+
+def test_planted_pair_found_and_beats_chance(planted_run):
+  c, workdir, res = planted_run
+  search, ev = res["search"], res["evaluate"]
+  names = [tuple(g.upper_name(u) for u in g.cells[0].inputs) for g in search.best_genotypes]
+  assert sum(sorted(n) == sorted(PLANTED) for n in names) >= 4, names
+  assert search.epoch_traces == 1 and ev["epoch_traces"] == 1       # compiled once each
+  assert ev["final_test"]["mean"] > 0.6                             # chance is 0.25
+  assert len(ev["final_test"]["values"]) == 5
+  assert ev["val_selected"]["val_held_out"] is False                # retrained on train+val
+
+
+def test_planted_run_writes_its_files(planted_run):
+  _, workdir, res = planted_run
+  s = os.path.join(workdir, "search")
+  lines = _read_jsonl(os.path.join(s, "metrics.jsonl"))
+  assert [r["epoch"] for r in lines] == list(range(5))
+  for key in ("train_loss", "arch_loss", "val_loss", "val_metric", "arch_entropy", "seconds"):
+    assert key in lines[0]
+  assert len(lines[0]["val_metric"]) == 5
+  assert os.path.exists(os.path.join(s, "genotypes", "epoch_004_seed_4.json"))
+  for k in range(5):
+    assert os.path.exists(os.path.join(s, f"best_genotype_seed_{k}.json"))
+  summary = json.load(open(os.path.join(s, "summary.json")))
+  assert summary["chosen_seed"] == int(np.argmax(summary["best_val_metric"]))
+  assert summary["agreement"]["cells"][0]["inputs"]
+  hist = json.load(open(os.path.join(s, "arch_history.json")))
+  alpha = np.asarray(hist["softmax"][-1][0]["cell_0"]["alpha"])     # epoch, seed
+  np.testing.assert_allclose(alpha.sum(-1), 1.0, atol=1e-5)
+  ev = json.load(open(os.path.join(workdir, "evaluate", "metrics.json")))
+  assert ev["final_test"]["mean"] == pytest.approx(res["evaluate"]["final_test"]["mean"])
+  assert len(_read_jsonl(os.path.join(workdir, "evaluate", "metrics.jsonl"))) == 4
+
+
+class _Killed(Exception):
+  pass
+
+
+REF_EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """Two seeds, one device, uninterrupted: what every variant below must reproduce."""
+  c = planted_config(**{"search.epochs": REF_EPOCHS})
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  return c, workdir, pipeline.run(c, workdir)
+
+
+def _assert_same_run(ref_dir, other_dir):
+  for f in ("search/best_genotype.json", "search/best_genotype_seed_1.json"):
+    assert open(os.path.join(ref_dir, f), "rb").read() == \
+        open(os.path.join(other_dir, f), "rb").read()
+  for f in ("search/metrics.jsonl", "evaluate/metrics.jsonl"):
+    assert _strip_seconds(_read_jsonl(os.path.join(ref_dir, f))) == \
+        _strip_seconds(_read_jsonl(os.path.join(other_dir, f)))
+  a = json.load(open(os.path.join(ref_dir, "evaluate", "metrics.json")))
+  b = json.load(open(os.path.join(other_dir, "evaluate", "metrics.json")))
+  for key in ("final_test", "final_val", "val_selected", "genotype"):
+    assert a[key] == b[key]
+
+
+def test_stop_and_resume_gives_identical_results(reference, tmp_path, monkeypatch):
+  c, ref_dir, _ = reference
+  cut_dir = str(tmp_path / "cut")
+  real_save = checkpoint.Checkpointer.save
+
+  def save_then_die(self, step, state, meta):
+    real_save(self, step, state, meta)
+    if step == 1:
+      raise _Killed()
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
+  with pytest.raises(_Killed):
+    pipeline.run(c, cut_dir)                       # dies after search epoch 1
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
+  pipeline.run(c, cut_dir)                         # resumes at epoch 2
+  _assert_same_run(ref_dir, cut_dir)
+
+
+def test_sigkill_and_resume(reference, tmp_path):
+  """A real SIGKILL mid-search, then the same command again."""
+  _, ref_dir, _ = reference
+  args = ["--config=experiments/configs/planted.py", "--config.devices=1", "--config.seeds=2",
+          "--config.data.sizes=(256,128,128)", "--config.search.batch_size=32",
+          "--config.evaluate.batch_size=32", f"--config.search.epochs={REF_EPOCHS}",
+          "--config.evaluate.epochs=2"]
+  killed = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "experiments.main", *args, f"--workdir={killed}"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(killed, "search", "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt) and any(d.isdigit() and int(d) >= 1 for d in os.listdir(ckpt)):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(killed, "evaluate", "metrics.json"))
+  subprocess.run(cmd, check=True, capture_output=True)
+  _assert_same_run(ref_dir, killed)
+
+
+@pytest.mark.parametrize("devices,seed_shards", [(2, 1), (4, 1), (4, 2)])
+def test_devices_agree(reference, tmp_path, devices, seed_shards):
+  c, _, res = reference
+  c = c.copy_and_resolve_references()
+  c.devices, c.seed_shards = devices, seed_shards
+  one = res["search"]
+  many = run_search(c, load_features(c, ""), str(tmp_path))
+  assert [g.to_json() for g in one.best_genotypes] == [g.to_json() for g in many.best_genotypes]
+  for key in ("train_loss", "arch_loss", "val_loss", "val_metric"):
+    np.testing.assert_allclose(one.history[-1][key], many.history[-1][key], rtol=2e-4,
+                               atol=2e-4)
+  np.testing.assert_allclose(np.asarray(one.history[-1]["arch_softmax"][1]["cell_0"]["alpha"]),
+                             np.asarray(many.history[-1]["arch_softmax"][1]["cell_0"]["alpha"]),
+                             atol=1e-5)
+
+
+def test_resume_refuses_a_different_config(reference, tmp_path):
+  c, ref_dir, _ = reference
+  shutil.copytree(ref_dir, tmp_path / "run")
+  c = c.copy_and_resolve_references()
+  c.model.C = 16
+  with pytest.raises(ValueError, match=r"different config \(keys \['model'\] differ\)"):
+    run_search(c, load_features(c, ""), str(tmp_path / "run"))
+
+
+def test_config_errors_name_the_key(tmp_path):
+  c = planted_config(**{"search.batch_size": 1000})
+  with pytest.raises(ValueError, match=r"config.search.batch_size=1000 is larger"):
+    pipeline.run(c, str(tmp_path))
+  c = planted_config(**{"search.alternation": "bilevel"})
+  with pytest.raises(ValueError, match=r"config.search.alternation='bilevel'"):
+    pipeline.run(c, str(tmp_path))
+  c = planted_config(stages="search,train")
+  with pytest.raises(ValueError, match=r"config.stages='search,train'"):
+    pipeline.run(c, str(tmp_path))
+  c = planted_config(**{"model.num_classes": 5})
+  with pytest.raises(ValueError, match=r"config.model.num_classes=5 but the features have 4"):
+    pipeline.run(c, str(tmp_path))
