@@ -331,3 +331,45 @@ def with_fusion_cells(g: Genotype, name: str) -> Genotype:
   """The same feature selection with every Cell's inside replaced by `name`."""
   return validate(dataclasses.replace(
       g, cells=tuple(fusion_cell(name, c.inputs) for c in g.cells)))
+
+
+# ------------------------------------------------------- baseline genotypes
+
+def modality_of(node_name: str) -> str:
+  """`Video_3` -> `Video` (node names are `<Modality>_<k>`)."""
+  return node_name.rsplit("_", 1)[0]
+
+
+def late_fusion(node_names: Sequence[str]) -> Genotype:
+  """Late fusion: the last feature of each modality, fused by ConcatFC Cells.
+
+  Two modalities give one Cell ConcatFC(A_last, B_last) (the paper's Table 6
+  baseline concatenates (Video_4, Skeleton_4)); more modalities chain Cells.
+  """
+  last: dict[str, int] = {}
+  for u, name in enumerate(node_names):
+    last[modality_of(name)] = u
+  if len(last) < 2:
+    raise ValueError(f"late fusion needs two modalities; nodes are {list(node_names)}")
+  n = len(node_names)
+  lasts = list(last.values())
+  cells = [fusion_cell("ConcatFC", (lasts[0], lasts[1]))]
+  for u in lasts[2:]:
+    cells.append(fusion_cell("ConcatFC", (n + len(cells) - 1, u)))
+  return validate(Genotype(tuple(node_names), tuple(cells), (n + len(cells) - 1,)))
+
+
+def random_selection(g: Genotype, rng: np.random.Generator) -> Genotype:
+  """Random feature selection and Cell connections, each Cell's inside kept (Table 6).
+
+  Cell k takes a uniformly random pair of distinct predecessors (features and
+  earlier Cells) that no earlier Cell took; the head reads the same Cells.
+  """
+  n = len(g.nodes)
+  used, cells = set(), []
+  for k, cell in enumerate(g.cells):
+    pairs = [p for p in itertools.combinations(range(n + k), 2) if frozenset(p) not in used]
+    pair = pairs[int(rng.integers(len(pairs)))]
+    used.add(frozenset(pair))
+    cells.append(dataclasses.replace(cell, inputs=pair))
+  return validate(dataclasses.replace(g, cells=tuple(cells)))

@@ -70,7 +70,7 @@ class ScaleDotAttn(nn.Module):
   def __call__(self, x, y, train: bool = False):
     out = scaled_dot_attention(x, y)
     if self.fidelity == "reference":
-      out = nn.Dropout(REFERENCE_ATTN_DROPOUT, deterministic=not train)(out)
+      out = layers.Dropout(REFERENCE_ATTN_DROPOUT, deterministic=not train)(out)
       out = layers.layer_norm_cl(name="ln")(out)
     return out
 
@@ -94,7 +94,7 @@ class LinearGLU(nn.Module):
     out = layers.PointwiseConv(2 * c, name="conv")(jnp.concatenate([x, y], axis=1))
     out = layers.batch_norm(train, name="bn")(out)
     out = out[:, :c] * jax.nn.sigmoid(out[:, c:])
-    return nn.Dropout(self.dropout, deterministic=not train)(out)
+    return layers.Dropout(self.dropout, deterministic=not train)(out)
 
 
 class ConcatFC(nn.Module):
@@ -112,7 +112,7 @@ class ConcatFC(nn.Module):
     if self.fidelity == "reference":
       out = layers.batch_norm(train, name="bn")(out)
       out = nn.relu(out)
-      return nn.Dropout(self.dropout, deterministic=not train)(out)
+      return layers.Dropout(self.dropout, deterministic=not train)(out)
     return nn.relu(out)
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from absl import logging
 
 from bmnas_jax import genotype as genotype_lib
+from bmnas_jax.ablate import run_ablations
 from bmnas_jax.data.datasets import load_features
 from bmnas_jax.evaluate import run_evaluate
 from bmnas_jax.search import run_search
 
-STAGES = ("search", "evaluate")
+STAGES = ("search", "evaluate", "ablate")
 
 
 def parse_stages(spec: str) -> tuple[str, ...]:
@@ -33,10 +35,26 @@ def run(config, workdir: str) -> dict:
   if "search" in stages:
     results["search"] = run_search(config, fs, workdir)
     logging.info("search: best genotype %s", results["search"].genotype.to_json())
+  searched_path = config.evaluate.get("genotype") or os.path.join(workdir, "search",
+                                                                   "best_genotype.json")
+  if "evaluate" in stages or "ablate" in stages:
+    if not os.path.exists(searched_path):
+      raise FileNotFoundError(f"{searched_path}: no genotype to evaluate (run the search "
+                              f"stage or set config.evaluate.genotype)")
+    searched = genotype_lib.load(searched_path)
   if "evaluate" in stages:
-    path = config.evaluate.get("genotype") or os.path.join(workdir, "search", "best_genotype.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no genotype to evaluate (run the search stage or set "
-                              f"config.evaluate.genotype)")
-    results["evaluate"] = run_evaluate(config, fs, genotype_lib.load(path), workdir)
+    results["evaluate"] = run_evaluate(config, fs, searched, workdir)
+    if config.evaluate.get("late_fusion", True):
+      results["late_fusion"] = run_evaluate(config, fs, genotype_lib.late_fusion(fs.node_names),
+                                            workdir, stage="late_fusion")
+  if "ablate" in stages:
+    ev = results.get("evaluate") or _read_json(os.path.join(workdir, "evaluate", "metrics.json"))
+    results["ablate"] = run_ablations(config, fs, searched, workdir, ev)
   return results
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: missing (run the evaluate stage first)")
+  with open(path) as f:
+    return json.load(f)

@@ -38,4 +38,4 @@ class ReshapeInput(nn.Module):
     x = layers.PointwiseConv(self.C, name="conv")(x)
     x = layers.batch_norm(train, name="bn")(x)
     x = nn.relu(x)
-    return nn.Dropout(self.dropout, deterministic=not train)(x)
+    return layers.Dropout(self.dropout, deterministic=not train)(x)

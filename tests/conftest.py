@@ -76,6 +76,7 @@ def planted_config(**overrides):
   c.data.sizes = (256, 128, 128)
   c.search.epochs, c.search.batch_size = 3, 32
   c.evaluate.epochs, c.evaluate.batch_size = 2, 32
+  c.evaluate.late_fusion = False
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")

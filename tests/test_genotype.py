@@ -179,3 +179,24 @@ def test_fusion_cells():
   assert [s.op for s in mha.cells[0].steps] == ["ScaleDotAttn", "ScaleDotAttn"]
   with pytest.raises(KeyError, match="valid: Sum, ConcatFC, MHA, AoA"):
     G.fusion_cell("GMU", (0, 1))
+
+
+def test_late_fusion_takes_the_last_feature_of_each_modality():
+  g = G.late_fusion(["V_1", "V_2", "V_3", "S_1", "S_2"])
+  assert g.cells == (G.fusion_cell("ConcatFC", (2, 4)),) and g.concat == (5,)
+  g = G.late_fusion(["V_1", "S_1", "S_2", "D_1", "D_2"])
+  assert [c.inputs for c in g.cells] == [(0, 2), (5, 4)] and g.concat == (6,)
+  with pytest.raises(ValueError, match="two modalities"):
+    G.late_fusion(["V_1", "V_2"])
+
+
+def test_random_selection_keeps_cells_and_is_seeded():
+  g = G.Genotype(tuple(NAMES), (G.CellGene((0, 2), STEPS, (2, 3)),
+                                G.CellGene((0, 4), STEPS, (2, 3))), (4, 5))
+  draws = [G.random_selection(g, np.random.default_rng(s)) for s in range(20)]
+  for r in draws:
+    assert [c.steps for c in r.cells] == [c.steps for c in g.cells] and r.concat == g.concat
+    assert r.cells[0].inputs[1] < 4 and r.cells[1].inputs[1] < 5
+    assert frozenset(r.cells[0].inputs) != frozenset(r.cells[1].inputs)
+  assert len({r.to_json() for r in draws}) > 5
+  assert G.random_selection(g, np.random.default_rng(3)) == draws[3]

@@ -131,3 +131,21 @@ def test_registry_errors():
     ops.make_op("Sum", "pytorch")
   assert ops.step_op_pool("paper") == ("Zero",) + ops.STEP_OPS
   assert ops.step_op_pool("reference") == ops.STEP_OPS
+
+
+def test_hash_dropout_rate_scale_and_determinism():
+  from bmnas_jax import layers
+  x = jnp.ones((64, 32, 16))
+  drop = layers.Dropout(0.25, deterministic=False)
+  out = jax.jit(lambda k: drop.apply({}, x, rngs={"dropout": k}))(jax.random.PRNGKey(3))
+  kept = np.asarray(out) != 0
+  assert abs(kept.mean() - 0.75) < 0.01
+  np.testing.assert_allclose(np.asarray(out)[kept], 1 / 0.75, rtol=1e-6)
+  again = drop.apply({}, x, rngs={"dropout": jax.random.PRNGKey(3)})
+  other = drop.apply({}, x, rngs={"dropout": jax.random.PRNGKey(4)})
+  np.testing.assert_array_equal(out, again)
+  assert (np.asarray(other) != 0).mean() != kept.mean() or not np.array_equal(other, out)
+  # neighbouring elements are independent: no correlation between adjacent masks
+  flat = kept.reshape(-1).astype(float)
+  assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.02
+  np.testing.assert_array_equal(layers.Dropout(0.25).apply({}, x), x)     # deterministic

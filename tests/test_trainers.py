@@ -177,3 +177,22 @@ def test_config_errors_name_the_key(tmp_path):
   c = planted_config(**{"model.num_classes": 5})
   with pytest.raises(ValueError, match=r"config.model.num_classes=5 but the features have 4"):
     pipeline.run(c, str(tmp_path))
+
+
+def test_late_fusion_and_ablations(reference, tmp_path):
+  c, ref_dir, res = reference
+  c = c.copy_and_resolve_references()
+  c.evaluate.epochs, c.ablate.random_trials, c.evaluate.late_fusion = 1, 1, True
+  shutil.copytree(os.path.join(ref_dir, "search"), tmp_path / "search")
+  c.stages = "evaluate,ablate"
+  out = pipeline.run(c, str(tmp_path))
+  assert out["late_fusion"]["genotype"]["cells"][0]["inputs"] == [2, 5]    # A_3, B_3
+  abl = json.load(open(tmp_path / "ablate" / "results.json"))
+  names = [(r["table"], r["name"]) for r in abl["rows"]]
+  assert names[:3] == [("feature_selection", "random"), ("feature_selection", "late_fusion"),
+                       ("feature_selection", "searched")]
+  assert [n for t, n in names if t == "fusion"] == ["Sum", "ConcatFC", "MHA", "AoA", "searched"]
+  for r in abl["rows"]:
+    assert 0.0 <= r["test"]["mean"] <= 1.0
+  mha = [r for r in abl["rows"] if r["name"] == "MHA"][0]["genotypes"][0]
+  assert [s["op"] for s in mha["cells"][0]["steps"]] == ["ScaleDotAttn", "ScaleDotAttn"]

@@ -17,8 +17,15 @@ def _planted(config, workdir: str) -> FeatureSet:
                       planted=tuple(d.planted), snr=d.snr)
 
 
+def _mfeat(config, workdir: str) -> FeatureSet:
+  """`mfeat_pipeline.prepare_mfeat`, imported on first use (it pulls in TFDS and orbax)."""
+  from bmnas_jax.data.mfeat_pipeline import prepare_mfeat
+  return prepare_mfeat(config, workdir)
+
+
 DATASETS: dict[str, Callable[..., FeatureSet]] = {
     "planted": _planted,
+    "mfeat": _mfeat,
 }
 
 

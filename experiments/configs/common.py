@@ -59,5 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.dropout = 0.0
   c.evaluate.train_splits = ("train", "val")
   c.evaluate.genotype = ""          # genotype file; default: the search's best_genotype.json
+  c.evaluate.late_fusion = True     # also retrain the late-fusion baseline (results table)
+
+  c.ablate = ml_collections.ConfigDict()
+  c.ablate.random_trials = 5        # random feature selections (Table 6)
   c.evaluate.weight_opt = weight_opt(1e-3, 3e-4)
   return c

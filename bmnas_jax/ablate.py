@@ -1,0 +1,67 @@
+"""Ablations in the form of the paper's Tables 6 and 7, for any dataset."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from bmnas_jax import genotype as genotype_lib
+from bmnas_jax.checkpoint import write_json_atomic
+from bmnas_jax.data.feature_set import FeatureSet
+from bmnas_jax.evaluate import run_evaluate
+
+FUSIONS = ("Sum", "ConcatFC", "MHA", "AoA")
+
+
+def ablation_genotypes(searched: genotype_lib.Genotype, seed: int,
+                       random_trials: int = 5) -> list[tuple[str, str, genotype_lib.Genotype]]:
+  """(table, name, genotype) rows.
+
+  Table 6 (feature selection): `random_trials` random selections with the
+  searched Cells' insides, late fusion, searched. Table 7 (fusion): the searched
+  selection with every Cell replaced by Sum, ConcatFC, MHA, AoA; searched.
+  """
+  rng = np.random.default_rng(seed)
+  rows = [("feature_selection", f"random_{t + 1}", genotype_lib.random_selection(searched, rng))
+          for t in range(random_trials)]
+  rows.append(("feature_selection", "late_fusion", genotype_lib.late_fusion(searched.nodes)))
+  rows += [("fusion", name, genotype_lib.with_fusion_cells(searched, name)) for name in FUSIONS]
+  return rows
+
+
+def run_ablations(config, fs: FeatureSet, searched: genotype_lib.Genotype, workdir: str,
+                  searched_result: dict) -> dict:
+  """Retrains every ablation genotype over `config.seeds` seeds (each its own stage
+  folder under `ablate/`, resumable) and writes `ablate/results.json`.
+
+  Each row's value is the final-epoch test metric, mean ± std over seeds, the
+  same protocol as the searched row (`searched_result`, the evaluate stage's).
+  """
+  rows = []
+  random_values = []
+  for table, name, g in ablation_genotypes(searched, config.seed,
+                                           config.get("ablate", {}).get("random_trials", 5)):
+    # late fusion shares its folder with the evaluate stage's baseline (reused if done)
+    stage = "late_fusion" if name == "late_fusion" else os.path.join("ablate", name)
+    res = run_evaluate(config, fs, g, workdir, stage=stage)
+    rows.append({"table": table, "name": name, "test": res["final_test"],
+                 "genotypes": [g.to_json_dict()]})
+    if name.startswith("random_"):
+      random_values.append(res["final_test"]["mean"])
+  trials = [r for r in rows if r["name"].startswith("random_")]
+  summary_random = {"table": "feature_selection", "name": "random",
+                    "test": {"mean": float(np.mean(random_values)),
+                             "std": float(np.std(random_values)),
+                             "values": random_values},
+                    "genotypes": [t["genotypes"][0] for t in trials],
+                    "note": "mean ± std over the random genotypes of their seed means"}
+  searched_row = {"name": "searched", "test": searched_result["final_test"],
+                  "genotypes": [searched.to_json_dict()]}
+  out_rows = ([summary_random] + [r for r in rows if r["name"] == "late_fusion"]
+              + [{"table": "feature_selection", **searched_row}]
+              + [r for r in rows if r["table"] == "fusion"]
+              + [{"table": "fusion", **searched_row}] + trials)
+  result = {"metric": config.metric.name, "seeds": searched_result["seeds"], "rows": out_rows}
+  write_json_atomic(os.path.join(workdir, "ablate", "results.json"), result)
+  return result

@@ -1,0 +1,83 @@
+"""Step-pair throughput of the search: weight step + arch step on random features."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bmnas_jax import loop, optim
+from bmnas_jax.data.feature_set import nodes_from_config
+from bmnas_jax.search import _alternate_steps, seed_keys
+from bmnas_jax.search_space import hypernet_from_config
+from bmnas_jax.steps import Steps, TrainState
+from bmnas_jax.summary import count
+
+
+def benchmark(config, seeds: int = 1, steps: int = 20, repeats: int = 5,
+              pool_batches: int = 4) -> dict:
+  """Times `steps` step pairs per compiled call, `repeats` calls after a warm-up.
+
+  The data are random features at the config's node shapes, `pool_batches`
+  batches of train and of val (the steps cycle through them), on the device.
+  Returns the JSON-able record the bench entry point prints.
+  """
+  nodes = nodes_from_config(config.data)
+  mesh = loop.mesh_from_config(config)
+  batch = config.search.batch_size
+  loop.check_batch_divides(batch, mesh, "config.search.batch_size")
+  model = hypernet_from_config(config, nodes)
+  n = batch * pool_batches
+  rng = np.random.default_rng(0)
+  kind = config.data.label_kind
+  k = config.model.num_classes
+
+  def split():
+    x = {nd.name: rng.standard_normal((n, nd.channels, nd.length), np.float32) for nd in nodes}
+    y = (rng.integers(0, 2, (n, k)).astype(np.float32) if kind == "multi"
+         else rng.integers(0, k, n).astype(np.int32))
+    return loop.replicate({"x": x, "y": y}, mesh)
+
+  data = {"train": split(), "val": split()}
+  w_tx = optim.weight_optimizer(config.search.weight_opt, pool_batches, 10 * steps)
+  a_tx = optim.arch_optimizer(config.search.arch_opt)
+  metric = config.metric.name
+  st = Steps(model, kind, w_tx, a_tx, metric, config.metric.threshold)
+  idx = jnp.asarray(np.arange(steps * batch).reshape(steps, batch) % n)
+  sample = jax.tree.map(lambda a: a[:2], data["train"]["x"])
+
+  def init_one(key):
+    v = model.init({"params": key, "dropout": key}, sample, False)
+    return TrainState(v["params"], v["arch"], v["batch_stats"], w_tx.init(v["params"]),
+                      a_tx.init(v["arch"]), key)
+
+  def run_one(state, data):
+    state, w, a = _alternate_steps(st, state, data, idx, idx, state.key, mesh)
+    return state, w["loss"] + a["loss"]
+
+  with jax.set_mesh(mesh):
+    states = jax.jit(jax.vmap(init_one))(loop.shard_seeds(seed_keys(list(range(seeds)), 0),
+                                                          mesh))
+    fn = jax.jit(jax.vmap(run_one, in_axes=(0, None), spmd_axis_name=loop.SEED))
+    t0 = time.perf_counter()
+    compiled = fn.lower(states, data).compile()
+    compile_s = time.perf_counter() - t0
+    states, loss = compiled(states, data)                     # warm-up
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      states, loss = compiled(states, data)
+      jax.block_until_ready(loss)
+      times.append(time.perf_counter() - t0)
+  ms = statistics.median(times) / steps * 1e3
+  params = count(jax.tree.map(lambda a: a[0], states.params))
+  return {"config": config.name, "fidelity": config.fidelity, "batch": batch, "seeds": seeds,
+          "devices": int(np.prod(list(mesh.shape.values()))),
+          "backend": jax.default_backend(), "params": params,
+          "compile_s": round(compile_s, 2), "ms_per_step_pair": round(ms, 3),
+          "samples_per_s": round(2 * batch * seeds / (ms / 1e3), 1),
+          "finite": bool(np.all(np.isfinite(np.asarray(loss))))}

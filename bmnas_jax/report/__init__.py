@@ -1,0 +1,1 @@
+"""The report stage: tables, curves and genotype drawings from a run directory."""
