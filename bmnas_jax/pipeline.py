@@ -11,9 +11,10 @@ from bmnas_jax import genotype as genotype_lib
 from bmnas_jax.ablate import run_ablations
 from bmnas_jax.data.datasets import load_features
 from bmnas_jax.evaluate import run_evaluate
+from bmnas_jax.report.report import write_report
 from bmnas_jax.search import run_search
 
-STAGES = ("search", "evaluate", "ablate")
+STAGES = ("search", "evaluate", "ablate", "report")
 
 
 def parse_stages(spec: str) -> tuple[str, ...]:
@@ -30,7 +31,7 @@ def run(config, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   stages = parse_stages(config.stages)
   os.makedirs(workdir, exist_ok=True)
-  fs = load_features(config, workdir)
+  fs = load_features(config, workdir) if set(stages) - {"report"} else None
   results = {}
   if "search" in stages:
     results["search"] = run_search(config, fs, workdir)
@@ -50,6 +51,8 @@ def run(config, workdir: str) -> dict:
   if "ablate" in stages:
     ev = results.get("evaluate") or _read_json(os.path.join(workdir, "evaluate", "metrics.json"))
     results["ablate"] = run_ablations(config, fs, searched, workdir, ev)
+  if "report" in stages:
+    results["report"] = write_report(config, workdir)
   return results
 
 

@@ -7,8 +7,9 @@ from typing import Sequence
 
 from matplotlib.colors import to_rgb
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
+from matplotlib.path import Path
 
-from bmnas_jax.genotype import Genotype
+from bmnas_jax.genotype import Genotype, modality_of
 from bmnas_jax.report import plots
 
 MODALITY_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
@@ -23,11 +24,7 @@ CELL_EDGE = "#b8860b"
 BOX_W, BOX_H = 1.25, 0.5            # upper-level boxes (data units)
 STEP_W, STEP_H = 1.35, 0.62         # inner DAG boxes
 UNIT = 0.95                         # inches per data unit
-
-
-def modality_of(name: str) -> str:
-  """`Video_2` -> `Video` (everything before the last `_`)."""
-  return name.rsplit("_", 1)[0] if "_" in name else name
+CELL_X0, CELL_DX, CELL_GAP = 2.7, 2.4, 1.3   # upper-level Cell columns and spacing
 
 
 def modalities(nodes: Sequence[str]) -> list[str]:
@@ -64,17 +61,41 @@ def _arrow(ax, a, b, color, *, rad=0.0, lw=1.3, ls="-", zorder=2):
   return arrow
 
 
+def _s_curve(ax, a, b, color, *, dy_end=0.0, lw=1.3, ls="-"):
+  """An arrow from the right edge of box `a` to the left edge of box `b` (offset `dy_end`).
+
+  A cubic curve leaving and entering horizontally: it stays right of `a` and left
+  of `b`, so it never crosses the boxes of the feature column.
+  """
+  (xa, ya), (xb, yb) = _center(a), _center(b)
+  x0, x1 = xa + a.get_width() / 2 + 0.04, xb - b.get_width() / 2 - 0.04
+  y1 = yb + dy_end
+  d = 0.55 * (x1 - x0)
+  path = Path([(x0, ya), (x0 + d, ya), (x1 - d, y1), (x1, y1)],
+              [Path.MOVETO, Path.CURVE4, Path.CURVE4, Path.CURVE4])
+  arrow = FancyArrowPatch(path=path, arrowstyle="-|>", mutation_scale=11, color=color, lw=lw,
+                          ls=ls, zorder=2)
+  ax.add_patch(arrow)
+  return arrow
+
+
 def _center(patch):
   x, y = patch.get_x(), patch.get_y()
   return (x + patch.get_width() / 2, y + patch.get_height() / 2)
 
 
 def _upper_layout(g: Genotype):
-  """Positions (x, y) of features (grouped by modality), Cells and the output."""
-  mods = modalities(g.nodes)
-  pos, y = {}, 0.0
-  groups = {}
-  for m in mods:
+  """Positions of features (grouped by modality), Cells and the output.
+
+  Cells stand in a staircase (one column each); a Cell sits at the mean height
+  of its two inputs, kept at least `CELL_GAP` away from earlier Cells' heights.
+
+  Returns:
+    (pos: upper index -> (x, y), groups: modality -> (top y, bottom y),
+    output (x, y), (lowest y, highest y)).
+  """
+  pos, y, groups = {}, 0.0, {}
+  for m in modalities(g.nodes):
     members = [u for u, n in enumerate(g.nodes) if modality_of(n) == m]
     top = y
     for u in members:
@@ -82,13 +103,19 @@ def _upper_layout(g: Genotype):
       y -= 0.75
     groups[m] = (top, y + 0.75)
     y -= 0.45
-  bottom = y + 0.45 + 0.75
-  n, nc = len(g.nodes), len(g.cells)
-  for k in range(nc):
-    frac = (k + 0.5) / nc
-    pos[n + k] = (2.1 + 1.75 * k, -0.25 + (bottom + 0.25) * frac)
-  out = (2.1 + 1.75 * nc + 0.3, (bottom) / 2)
-  return pos, groups, out, bottom
+  n = len(g.nodes)
+  for k, cell in enumerate(g.cells):
+    yk = sum(pos[u][1] for u in cell.inputs) / 2
+    for _ in range(len(g.cells)):
+      clash = [pos[n + j][1] for j in range(k) if abs(yk - pos[n + j][1]) < CELL_GAP]
+      if not clash:
+        break
+      yk = clash[0] + (CELL_GAP if yk > clash[0] else -CELL_GAP)
+    pos[n + k] = (CELL_X0 + CELL_DX * k, yk)
+  out = (CELL_X0 + CELL_DX * len(g.cells) + 0.2,
+         sum(pos[u][1] for u in g.concat) / len(g.concat))
+  ys = [p[1] for p in pos.values()] + [out[1]]
+  return pos, groups, out, (min(ys), max(ys))
 
 
 def _draw_upper(ax, g: Genotype) -> None:
@@ -96,7 +123,7 @@ def _draw_upper(ax, g: Genotype) -> None:
   used = set(g.used_nodes())
   mods = modalities(g.nodes)
   colors = {m: MODALITY_COLORS[i % len(MODALITY_COLORS)] for i, m in enumerate(mods)}
-  pos, groups, out_xy, bottom = _upper_layout(g)
+  pos, groups, out_xy, (low, high) = _upper_layout(g)
   for m, (top, low) in groups.items():
     ax.add_patch(Rectangle((-BOX_W / 2 - 0.22, low - BOX_H / 2 - 0.12), BOX_W + 0.44,
                            top - low + BOX_H + 0.24, facecolor=_tint(colors[m], 0.9),
@@ -120,19 +147,20 @@ def _draw_upper(ax, g: Genotype) -> None:
                           fontsize=8)
   for k, cell in enumerate(g.cells):
     for slot, u in enumerate(cell.inputs):
-      same = cell.inputs[0] == cell.inputs[1]
-      rad = (0.12 if slot == 0 else -0.12) if same else 0.0
-      _arrow(ax, patches[u], patches[n + k], SEARCHED, rad=rad, ls="-" if slot == 0 else "--")
+      _s_curve(ax, patches[u], patches[n + k], SEARCHED, dy_end=0.2 if slot == 0 else -0.2,
+               ls="-" if slot == 0 else "--")
   head = _box(ax, out_xy[0], out_xy[1], 1.3, 1.1, "Output\nconcat\nLN, ReLU\nFC", "#ececec",
               FIXED, fontsize=8)
-  for u in g.concat:
-    _arrow(ax, patches[u], head, FIXED, lw=1.6)
+  by_height = sorted(set(g.concat), key=lambda u: -_center(patches[u])[1])
+  for i, u in enumerate(by_height):         # higher sources enter the head higher
+    _s_curve(ax, patches[u], head, FIXED, lw=1.6,
+             dy_end=0.8 * ((len(by_height) - 1) / 2 - i) / max(len(by_height) - 1, 1))
   ax.set_xlim(-BOX_W / 2 - 1.0, out_xy[0] + 0.9)
-  ax.set_ylim(bottom - 0.7, 0.75)
+  ax.set_ylim(low - 0.8, high + 0.75)
   ax.set_aspect("equal")
   ax.axis("off")
-  ax.set_title("Upper level: features and Cells\n(blue: searched edges, solid x / dashed y; "
-               "black: fixed)", fontsize=9)
+  ax.set_title("Upper level: features (bold: used, grey: unused) and Cells\n"
+               "blue: searched edges (solid x, dashed y); black: fixed", fontsize=9)
 
 
 def _inner_layout(steps: int):
@@ -202,9 +230,9 @@ def draw_genotype(g: Genotype, path: str | os.PathLike, title: str | None = None
   Returns:
     The PNG path.
   """
-  pos, groups, out_xy, bottom = _upper_layout(g)
+  _, _, out_xy, (low, high) = _upper_layout(g)
   left_w = out_xy[0] + 0.9 + BOX_W / 2 + 1.0
-  left_h = 0.75 - (bottom - 0.7)
+  left_h = high - low + 1.55
   max_steps = max(len(c.steps) for c in g.cells)
   right_w = STEP_W / 2 + 0.2 + 1.85 + 1.75 * (max_steps - 1) + 3.8
   right_h = 3.0 * len(g.cells)

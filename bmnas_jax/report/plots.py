@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from bmnas_jax import ops
 
@@ -22,7 +23,13 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save(fig: Figure, path: str | os.PathLike) -> str:
-  """Writes `fig` as PNG to `path` (its folder must exist); returns the path."""
+  """Writes `fig` as PNG to `path` (its folder must exist); returns the path.
+
+  Epoch axes (x labels containing "epoch") get integer ticks.
+  """
+  for ax in fig.axes:
+    if "epoch" in ax.get_xlabel():
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   path = os.fspath(path)
   fig.savefig(path, format="png", dpi=DPI, bbox_inches="tight")
   return path
@@ -74,13 +81,19 @@ def search_metric_curves(records: Sequence[Mapping[str, Any]], path: str,
 
 
 def search_loss_curves(records: Sequence[Mapping[str, Any]], path: str) -> str:
-  """Search losses per epoch: weight (train), arch (val batches), val; a line per seed."""
+  """Search losses per epoch: weight (train), arch (val batches), val; a line per seed.
+
+  A fourth panel shows the mean entropy of the softmaxed architecture weights
+  (`arch_entropy`) when the records have it.
+  """
   ep = _epochs(records)
   keys = [("train_loss", "train loss (weight steps)"), ("arch_loss", "arch loss (arch steps)"),
           ("val_loss", "val loss (evaluation)")]
-  fig = new_figure(12.0, 3.4)
+  if all("arch_entropy" in r for r in records):
+    keys.append(("arch_entropy", "arch weights: mean entropy (nats)"))
+  fig = new_figure(4.0 * len(keys), 3.4)
   for i, (key, title) in enumerate(keys):
-    ax = fig.add_subplot(1, 3, i + 1)
+    ax = fig.add_subplot(1, len(keys), i + 1)
     if all(key in r for r in records):
       v = _column(records, key)
       seeds = _seeds(records, v.shape[1])
@@ -142,6 +155,8 @@ def arch_weight_curves(history: Mapping[str, Any], path: str, upper_names: Seque
     gamma = np.asarray([e[cell]["gamma"] for e in per_epoch])          # [epochs, steps, F]
     n_alpha = alpha.shape[-1]
     names = [upper_names[u] if u < len(upper_names) else f"in_{u}" for u in range(n_alpha)]
+    # colours follow the edge / op index, so one legend per kind is enough: alpha's in
+    # every row (later Cells have more predecessors), beta's and gamma's in the first
     ax = fig.add_subplot(len(cells), ncols, r * ncols + 1)
     _edge_lines(ax, ep, alpha, names)
     ax.set_title(f"Cell_{k + 1}: alpha (Identity)", fontsize=9)
@@ -149,14 +164,16 @@ def arch_weight_curves(history: Mapping[str, Any], path: str, upper_names: Seque
     ax = fig.add_subplot(len(cells), ncols, r * ncols + 2)
     _edge_lines(ax, ep, beta, inner_edge_names(gamma.shape[1]))
     ax.set_title(f"Cell_{k + 1}: beta (Identity)", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    if r == 0:
+      ax.legend(fontsize=6, ncol=2)
     for j in range(gamma.shape[1]):
       ax = fig.add_subplot(len(cells), ncols, r * ncols + 3 + j)
       for f in range(gamma.shape[2]):
         ax.plot(ep, gamma[:, j, f], "-", color=f"C{f % 10}",
                 label=pool[f] if f < len(pool) else f"op_{f}")
       ax.set_title(f"Cell_{k + 1}: gamma, step {j + 1}", fontsize=9)
-      ax.legend(fontsize=6)
+      if r == 0 and j == 0:
+        ax.legend(fontsize=6)
     for ax in fig.axes[r * ncols:]:
       ax.grid(alpha=0.3)
       ax.tick_params(labelsize=7)
@@ -165,7 +182,7 @@ def arch_weight_curves(history: Mapping[str, Any], path: str, upper_names: Seque
   seeds = history.get("seeds") or []
   seed = seeds[seed_index] if seed_index < len(seeds) else seed_index
   fig.suptitle(f"Architecture weights (softmax) over search epochs, seed {seed}", fontsize=11)
-  fig.tight_layout()
+  fig.subplots_adjust(hspace=0.45, wspace=0.22, top=1 - 0.5 / fig.get_figheight())
   return save(fig, path)
 
 

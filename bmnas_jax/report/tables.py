@@ -30,15 +30,14 @@ class Stat:
   """
   mean: float
   std: float | None = None
-  n: int = 1
+  n: int = 1                                  # runs behind the mean; 0 if unknown
 
   @classmethod
   def from_summary(cls, d: Mapping[str, Any]) -> "Stat":
     """From `{"mean", "std", "values"}` (the trainers' mean_std form)."""
-    values = d.get("values") or []
-    n = len(values) if values else 1
+    n = len(d.get("values") or [])           # 0: unknown
     std = d.get("std")
-    return cls(float(d["mean"]), None if std is None or n < 2 else float(std), n)
+    return cls(float(d["mean"]), None if std is None or n == 1 else float(std), n)
 
   @classmethod
   def from_values(cls, values: Sequence[float]) -> "Stat":
@@ -129,7 +128,7 @@ class Table:
         if i in stats:
           if isinstance(v, Stat):
             m, s = v.pct()
-            out += [repr(m), "" if s is None else repr(s), str(v.n)]
+            out += [repr(m), "" if s is None else repr(s), str(v.n) if v.n else ""]
           else:
             out += ["", "", ""]
         else:
@@ -149,4 +148,5 @@ def write_csv(table: Table, folder: str | os.PathLike) -> str:
   """Writes `folder/<table.name>.csv` atomically; returns its path."""
   path = os.path.join(os.fspath(folder), f"{table.name}.csv")
   write_text_atomic(path, table.csv_text())
+  os.chmod(path, 0o644)                 # the temporary file it was renamed from is private
   return path

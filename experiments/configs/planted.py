@@ -21,6 +21,7 @@ def get_config():
   c.model.num_classes = 4
   c.model.dropout = 0.0
   c.seeds = 5
+  c.stages = "search,evaluate,report"
   c.search.epochs, c.search.batch_size = 10, 64
   c.search.weight_opt = common.weight_opt(3e-3, 1e-4, t_i=1, t_mult=2)
   c.search.arch_opt.lr = 3e-3
