@@ -53,9 +53,14 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict) -> None:
+    """Starts an asynchronous save (the next save or `close` waits for it).
+
+    The arrays are copied off the device before this returns, so training goes
+    on while the files are written; a run killed mid-write resumes from the
+    previous finalized checkpoint, and replays the same epoch.
+    """
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)))
-    self.manager.wait_until_finished()
 
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(

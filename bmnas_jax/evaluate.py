@@ -50,8 +50,7 @@ def run_evaluate(config, fs: FeatureSet, genotype: genotype_lib.Genotype, workdi
   w_tx = optim.weight_optimizer(ec.weight_opt, n_train / batch, ec.epochs * nb)
   steps = Steps(model, fs.label_kind, w_tx, None, config.metric.name, config.metric.threshold)
   train = loop.device_split(train_split, mesh)
-  val = loop.device_split(fs.splits["val"], mesh)
-  test = loop.device_split(fs.splits["test"], mesh)
+  held_out = loop.device_split(loop.concat_splits(fs, ("val", "test")), mesh)
   sample = jax.tree.map(lambda a: a[:2], train["x"])
   val_held_out = "val" not in ec.train_splits
 
@@ -63,13 +62,13 @@ def run_evaluate(config, fs: FeatureSet, genotype: genotype_lib.Genotype, workdi
 
   traces = [0]
 
-  def epoch_one(state, train, val, test, epoch):
+  def epoch_one(state, train, held_out, epoch):
     traces[0] += 1
     k_perm, k_w = jax.random.split(jax.random.fold_in(state.key, epoch))
     idx = loop.shuffled_batches(k_perm, n_train, batch, nb)
     state, wm = loop.scan_steps(steps.weight_step, state, train, idx, k_w, mesh)
-    ev_val = loop.evaluate_split(steps, state, val, n_val, batch, mesh)
-    ev_test = loop.evaluate_split(steps, state, test, n_test, batch, mesh)
+    ev_val, ev_test = loop.evaluate_splits(steps, state, held_out, (n_val, n_test), batch,
+                                           mesh)
     return state, {"train_loss": wm["loss"], "bad_step": wm["bad_step"],
                    "bad_code": wm["bad_code"], "val_loss": ev_val["loss"],
                    "val_metric": ev_val["metric"], "test_loss": ev_test["loss"],
@@ -79,7 +78,7 @@ def run_evaluate(config, fs: FeatureSet, genotype: genotype_lib.Genotype, workdi
   with jax.set_mesh(mesh):
     keys = loop.shard_seeds(seed_keys(seeds, 1), mesh)
     states = jax.jit(jax.vmap(init_one))(keys)
-    epoch_vmapped = jax.jit(jax.vmap(epoch_one, in_axes=(0, None, None, None, None),
+    epoch_vmapped = jax.jit(jax.vmap(epoch_one, in_axes=(0, None, None, None),
                                      spmd_axis_name=loop.SEED))
 
     def on_epoch(epoch, states, m, seconds, extra):
@@ -102,7 +101,7 @@ def run_evaluate(config, fs: FeatureSet, genotype: genotype_lib.Genotype, workdi
           "model": json.loads(config.model.to_json()), "fidelity": config.fidelity,
           "seed": config.seed, "seeds": config.seeds, "metric": json.loads(config.metric.to_json())}
     _, history, _ = loop.run_epochs(
-        stage_dir, fp, states, lambda st, e: epoch_vmapped(st, train, val, test, e), ec.epochs,
+        stage_dir, fp, states, lambda st, e: epoch_vmapped(st, train, held_out, e), ec.epochs,
         on_epoch, write_outputs, stage, {})
   return {**summarize(history, seeds, config, genotype, val_held_out, stage),
           "epoch_traces": traces[0]}

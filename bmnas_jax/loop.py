@@ -66,8 +66,8 @@ def concat_splits(fs: FeatureSet, names) -> Split:
   """Concatenation of named splits (e.g. train+val for retraining)."""
   for n in names:
     if n not in fs.splits:
-      raise ValueError(f"config.evaluate.train_splits names split {n!r}; have "
-                       f"{sorted(fs.splits)}")
+      raise ValueError(f"no split {n!r} in the features (config.evaluate.train_splits?); "
+                       f"have {sorted(fs.splits)}")
   parts = [fs.splits[n] for n in names]
   return Split({k: np.concatenate([p.features[k] for p in parts]) for k in parts[0].features},
                np.concatenate([p.labels for p in parts]))
@@ -126,22 +126,39 @@ def scan_steps(step: Callable, state: TrainState, data, idx: jax.Array, key: jax
   return state, {"loss": outs["loss"].mean(), "bad_step": bad_step, "bad_code": bad_code}
 
 
-def evaluate_split(steps: Steps, state: TrainState, data, n: int, batch_size: int,
-                   mesh: Mesh) -> dict[str, jax.Array]:
-  """{'loss', 'metric'} over a whole split, in order, last batch padded and masked."""
-  nb = -(-n // batch_size)
-  rows = jnp.arange(nb * batch_size).reshape(nb, batch_size)
+def evaluate_splits(steps: Steps, state: TrainState, data, sizes: tuple[int, ...],
+                    batch_size: int, mesh: Mesh) -> list[dict[str, jax.Array]]:
+  """{'loss', 'metric'} of each split, in order, from one scan over their batches.
 
-  def body(sums, r):
-    batch = take_batch(data, jnp.minimum(r, n - 1), mesh)
-    batch["mask"] = r < n
-    out = steps.eval_step(state, batch)
-    return jax.tree.map(jnp.add, sums, out), None
+  Args:
+    data: the splits concatenated along the sample axis (`concat_splits`).
+    sizes: the samples of each split, in that order; each split's last batch is
+      padded (repeating its last row) and masked.
+  Returns:
+    One {'loss', 'metric'} per split. One scan body serves every split, so the
+    evaluation is compiled once however many splits it covers.
+  """
+  rows, masks, sids, offset = [], [], [], 0
+  for sid, n in enumerate(sizes):
+    nb = -(-n // batch_size)
+    r = np.arange(nb * batch_size).reshape(nb, batch_size)
+    rows.append(offset + np.minimum(r, n - 1))
+    masks.append(r < n)
+    sids += [sid] * nb
+    offset += n
+  rows, masks = jnp.asarray(np.concatenate(rows)), jnp.asarray(np.concatenate(masks))
+  sids = jnp.asarray(np.asarray(sids, np.int32))
 
-  zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-      lambda: steps.eval_step(state, {**take_batch(data, rows[0], mesh), "mask": rows[0] < n})))
-  sums, _ = jax.lax.scan(body, zero, rows)
-  return steps.finish_eval(sums)
+  def out_of(i):
+    return steps.eval_step(state, {**take_batch(data, rows[i], mesh), "mask": masks[i]})
+
+  def body(sums, i):
+    return jax.tree.map(lambda acc, o: acc.at[sids[i]].add(o), sums, out_of(i)), None
+
+  zero = jax.tree.map(lambda a: jnp.zeros((len(sizes),) + a.shape, a.dtype),
+                      jax.eval_shape(out_of, 0))
+  sums, _ = jax.lax.scan(body, zero, jnp.arange(rows.shape[0]))
+  return [steps.finish_eval(jax.tree.map(lambda a, k=k: a[k], sums)) for k in range(len(sizes))]
 
 
 def describe_bad(phase: str, epoch: int, seeds: list[int], bad_step: np.ndarray,

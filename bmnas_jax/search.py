@@ -157,7 +157,7 @@ def run_search(config, fs: FeatureSet, workdir: str) -> SearchResult:
     else:                               # DARTS: alternate every batch
       state, wm, am = _alternate_steps(steps, state, {"train": train, "val": val}, idx_t,
                                        idx_v, k_w, mesh)
-    ev = loop.evaluate_split(steps, state, val, n_val, batch, mesh)
+    (ev,) = loop.evaluate_splits(steps, state, val, (n_val,), batch, mesh)
     return state, {"train_loss": wm["loss"], "arch_loss": am["loss"], "val_loss": ev["loss"],
                    "val_metric": ev["metric"], "w_bad_step": wm["bad_step"],
                    "w_bad_code": wm["bad_code"], "a_bad_step": am["bad_step"],

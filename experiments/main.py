@@ -1,15 +1,21 @@
-"""Runs an experiment: `python -m experiments.main --config=CONFIG --workdir=DIR`."""
+"""Runs an experiment: `python -m experiments.main [--config=CONFIG] [--workdir=DIR]`.
+
+Without flags: the embedded default (UCI Multiple Features) into `runs/mfeat`.
+"""
 
 import json
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bmnas_jax import loop, pipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mfeat.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumes if it has checkpoints).")
+_WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "mfeat"),
+                               "Run directory (resumes if it has checkpoints).")
 
 
 def main(argv):
@@ -22,8 +28,9 @@ def main(argv):
     ev = results["evaluate"]
     print(json.dumps({"metric": ev["metric"], "final_test": ev["final_test"],
                       "val_selected_test": ev["val_selected"]["test"]}))
+  if "report" in results:
+    print(f"report: {results['report']}")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -1,4 +1,4 @@
-"""Tests of the unimodal backbones, their orbax export, feature extraction and the mfeat pipeline."""
+"""Tests of the unimodal backbones, their orbax export, extraction and the mfeat pipeline."""
 
 import hashlib
 import json
@@ -82,7 +82,7 @@ def test_taps_have_documented_shapes(data, trained):
           "Shape": {"hidden1": (128,), "hidden2": (64,)}}
   for modality, (module, params, _) in trained.items():
     x = inputs[modality]["test"][:3]
-    logits, taps = module.apply({"params": params}, x)
+    logits, taps = jax.jit(module.apply)({"params": params}, x)
     assert logits.shape == (3, 10)
     assert list(taps) == list(want[modality])          # tap order
     assert {k: v.shape[1:] for k, v in taps.items()} == want[modality]
@@ -288,3 +288,23 @@ def test_config_nodes_must_match_the_backbones(tmp_path):
   config.backbones.Image.name = "vgg"
   with pytest.raises(ValueError, match="digit_cnn, shape_mlp"):
     mfeat_pipeline.prepare_mfeat(config, tmp_path)
+
+
+def test_prepare_mfeat_redoes_only_stale_stages(pipeline_run, tmp_path):
+  config, workdir, _ = pipeline_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  image_before = tree_digest(copy / "backbones" / "digit_cnn")
+  old_id = bb.read_backbone_meta(copy / "backbones" / "shape_mlp")["content_id"]
+  config = tiny_config()
+  config.backbones.Shape.lr = 2e-3          # Shape trained otherwise: retrain it, re-extract
+  fs = mfeat_pipeline.prepare_mfeat(config, copy)
+  assert tree_digest(copy / "backbones" / "digit_cnn") == image_before
+  new_id = bb.read_backbone_meta(copy / "backbones" / "shape_mlp")["content_id"]
+  assert new_id != old_id
+  user = shards.read_metadata(copy / "features", "mfeat")["user_metadata"]
+  assert user["backbones"]["Shape"]["checkpoint_id"] == new_id
+  unimodal = json.loads((copy / "backbones" / "unimodal.json").read_text())
+  assert unimodal["Shape"]["checkpoint_id"] == new_id
+  np.testing.assert_array_equal(fs.splits["test"].features["Image_1"],
+                                pipeline_run[2].splits["test"].features["Image_1"])

@@ -24,9 +24,10 @@ import orbax.checkpoint as ocp
 FORMAT = "bmnas-backbone/1"
 PARAMS_DIRNAME = "params"
 META_FILENAME = "meta.json"
-# Epochs of at most this many batches are unrolled: XLA:CPU runs convolutions inside a
+# Backbones with `unroll_epochs = True` (convolutional ones) unroll the scan over an
+# epoch's batches when it has at most this many: XLA:CPU runs convolutions inside a
 # loop body several times slower than unrolled (about 4x at the default optimization
-# level, 30-60x at level 0), and short epochs compile quickly unrolled.
+# level, 30-60x at level 0). Dense-only backbones keep the loop (it compiles faster).
 UNROLL_MAX_BATCHES = 32
 _META_KEYS = ("format", "name", "config", "input_shape", "num_classes", "taps", "content_id")
 
@@ -48,6 +49,7 @@ class DigitCNN(nn.Module):
   num_classes: int = 10
   features: tuple[int, ...] = (16, 32)
   input_shape: tuple[int, ...] = (1, 16, 15)
+  unroll_epochs = True              # see UNROLL_MAX_BATCHES (a class attribute, not a field)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -75,6 +77,7 @@ class ShapeMLP(nn.Module):
   num_classes: int = 10
   hidden: tuple[int, ...] = (128, 64)
   input_shape: tuple[int, ...] = (129,)
+  unroll_epochs = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -121,6 +124,7 @@ def backbone_config(module: nn.Module) -> dict[str, Any]:
 
 
 def backbone_name(module: nn.Module) -> str:
+  """The `BACKBONES` key of a backbone instance."""
   for name, cls in BACKBONES.items():
     if type(module) is cls:
       return name
@@ -184,9 +188,9 @@ def train_backbone(name: str, inputs_train: np.ndarray, labels_train: np.ndarray
 
   The train split sits on the device; each epoch is one compiled call that
   permutes it with a key folded from `seed` and the epoch, scans over the full
-  batches (the remainder is dropped; the scan is unrolled for epochs of at most
-  `UNROLL_MAX_BATCHES` batches) and scores the whole val split. The test
-  split is never seen. The same seed gives the same params on CPU.
+  batches (the remainder is dropped; see `UNROLL_MAX_BATCHES` for when the scan
+  is unrolled) and scores the whole val split. The test split is never seen.
+  The same seed gives the same params on CPU.
 
   Args:
     name: a key of `BACKBONES`.
@@ -213,8 +217,8 @@ def train_backbone(name: str, inputs_train: np.ndarray, labels_train: np.ndarray
   if not 1 <= batch_size <= n:
     raise ValueError(f"train_backbone({name!r}): batch_size={batch_size} must lie in [1, {n}]")
   start = time.perf_counter()
-  tx, epoch_fn = _epoch_fn(module, int(batch_size), float(lr),
-                           n // batch_size <= UNROLL_MAX_BATCHES)
+  unroll = module.unroll_epochs and n // batch_size <= UNROLL_MAX_BATCHES
+  tx, epoch_fn = _epoch_fn(module, int(batch_size), float(lr), unroll)
   x_tr, y_tr, x_val, y_val = jax.device_put((
       np.asarray(inputs_train, np.float32), np.asarray(labels_train, np.int32),
       np.asarray(inputs_val, np.float32), np.asarray(labels_val, np.int32)))
@@ -251,6 +255,7 @@ def predict(module: nn.Module, params, inputs: np.ndarray, batch_size: int = 500
 
 
 def accuracy(module: nn.Module, params, inputs: np.ndarray, labels: np.ndarray) -> float:
+  """Fraction of `inputs` `[n, ...]` whose argmax logit is `labels` `[n]`."""
   logits = predict(module, params, inputs)
   return float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
 

@@ -1,4 +1,4 @@
-"""Feature extraction: backbone taps pooled to fixed `[C_in, L_in]` and gathered into a FeatureSet."""
+"""Feature extraction: backbone taps pooled to fixed `[C_in, L_in]`, gathered into a FeatureSet."""
 
 from __future__ import annotations
 

@@ -35,10 +35,11 @@ def get_config():
   c.model.dropout = 0.1
   c.metric.name = "accuracy"
   c.seeds = 5
+  c.stages = "search,evaluate,ablate,report"
   c.search.epochs, c.search.batch_size = 10, 64
   c.search.weight_opt = common.weight_opt(3e-3, 1e-4, t_i=10, t_mult=2)
   c.search.arch_opt.lr = 3e-3
-  c.evaluate.epochs, c.evaluate.batch_size = 15, 64
+  c.evaluate.epochs, c.evaluate.batch_size = 10, 64
   c.evaluate.dropout = 0.1
-  c.evaluate.weight_opt = common.weight_opt(3e-3, 1e-4, t_i=15, t_mult=2)
+  c.evaluate.weight_opt = common.weight_opt(3e-3, 1e-4, t_i=10, t_mult=2)
   return c
