@@ -5,6 +5,7 @@ Without flags: the embedded default (UCI Multiple Features) into `runs/mfeat`.
 
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -23,7 +24,13 @@ def main(argv):
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)     # orbax logs every save at INFO
   loop.maybe_initialize_distributed(config)
-  results = pipeline.run(config, _WORKDIR.value)
+  try:
+    results = pipeline.run(config, _WORKDIR.value)
+  except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
+    # Bad input or divergence: one clear line naming the file/key/step, exit status 1.
+    # (Shard, backbone and genotype errors are ValueErrors.)
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
   if "evaluate" in results:
     ev = results["evaluate"]
     print(json.dumps({"metric": ev["metric"], "final_test": ev["final_test"],

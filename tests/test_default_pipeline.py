@@ -3,18 +3,26 @@
 import csv
 import os
 
+import pytest
+
 from bmnas_jax import pipeline
 from experiments.configs import mfeat
 
 
-def test_default_pipeline_tiny(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
   c = mfeat.get_config()
   assert c.stages == "search,evaluate,ablate,report"
   c.devices, c.seeds = 1, 2
   for b in (c.backbones.Image, c.backbones.Shape):
     b.epochs = 1
   c.search.epochs, c.evaluate.epochs, c.ablate.random_trials = 1, 1, 1
-  out = pipeline.run(c, str(tmp_path))
+  tmp_path = tmp_path_factory.mktemp("mfeat")
+  return tmp_path, pipeline.run(c, str(tmp_path))
+
+
+def test_default_pipeline_tiny(tiny_run):
+  tmp_path, out = tiny_run
   assert len(out["evaluate"]["final_test"]["values"]) == 2
   assert 0.1 < out["evaluate"]["final_test"]["mean"] <= 1.0         # ten classes
   report = open(out["report"]).read()
@@ -28,3 +36,38 @@ def test_default_pipeline_tiny(tmp_path):
   assert os.path.getsize(tmp_path / "report" / "genotype.png") > 10_000
   for f in ("backbones/unimodal.json", "search/best_genotype.json", "ablate/results.json"):
     assert (tmp_path / f).exists()
+
+
+def _tree_digest(root, skip=("features",)):
+  import hashlib
+  h = hashlib.sha256()
+  for d, dirs, files in os.walk(root):           # prune in place, walk in sorted order
+    dirs[:] = sorted(x for x in dirs if os.path.relpath(os.path.join(d, x), root) not in skip)
+    for f in sorted(files):
+      p = os.path.join(d, f)
+      h.update(p.encode())
+      h.update(open(p, "rb").read())
+  return h.hexdigest()
+
+
+def test_bad_input_through_the_entry_point(tiny_run):
+  """A corrupt shard and a config that disagrees with the features: one error line
+  naming the file or key, exit status 1, earlier outputs untouched."""
+  import subprocess
+  import sys
+  tmp_path, _ = tiny_run
+  base = [sys.executable, "-m", "experiments.main", f"--workdir={tmp_path}",
+          "--config.devices=1", "--config.seeds=2", "--config.stages=search",
+          "--config.search.epochs=1", "--config.backbones.Image.epochs=1",
+          "--config.backbones.Shape.epochs=1"]
+  before = _tree_digest(tmp_path)
+  bad = subprocess.run(base + ["--config.data.channels.Image=(16, 33)"], capture_output=True,
+                       text=True)
+  assert bad.returncode == 1
+  assert "error:" in bad.stderr and "Image_2" in bad.stderr
+  shard = sorted((tmp_path / "features").rglob("*array_record*"))[0]
+  with open(shard, "r+b") as f:
+    f.truncate(100)
+  bad = subprocess.run(base, capture_output=True, text=True)
+  assert bad.returncode == 1 and shard.name in bad.stderr
+  assert _tree_digest(tmp_path) == before
