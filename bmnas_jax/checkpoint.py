@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
 import tempfile
+import uuid
 from typing import Any
 
 import jax
@@ -25,6 +28,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def swap_dir_into_place(built: str | os.PathLike, target: str | os.PathLike) -> None:
+  """Renames the finished folder `built` to `target`; an existing `target` is
+  replaced only once the new one is in place (and restored if that fails)."""
+  built, target = pathlib.Path(built), pathlib.Path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if not target.exists():
+    os.rename(built, target)
+    return
+  backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+  os.rename(target, backup)
+  try:
+    os.rename(built, target)
+  except BaseException:
+    os.rename(backup, target)
+    raise
+  shutil.rmtree(backup, ignore_errors=True)
 
 
 def write_json_atomic(path, obj: Any) -> None:

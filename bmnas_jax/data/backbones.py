@@ -11,7 +11,6 @@ import pathlib
 import shutil
 import tempfile
 import time
-import uuid
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -20,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+
+from bmnas_jax.checkpoint import swap_dir_into_place
 
 FORMAT = "bmnas-backbone/1"
 PARAMS_DIRNAME = "params"
@@ -363,7 +364,7 @@ def export_backbone(directory: str | os.PathLike, name: str, params,
     finally:
       checkpointer.close()
     (tmp / META_FILENAME).write_text(text)
-    _swap_into_place(tmp, directory)
+    swap_dir_into_place(tmp, directory)
   except BackboneError:
     raise
   except Exception as e:  # orbax and the filesystem raise many types.
@@ -371,21 +372,6 @@ def export_backbone(directory: str | os.PathLike, name: str, params,
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return stored
-
-
-def _swap_into_place(built: pathlib.Path, target: pathlib.Path) -> None:
-  """Renames `built` to `target`, replacing an existing `target` only on success."""
-  if not target.exists():
-    os.rename(built, target)
-    return
-  backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-  os.rename(target, backup)
-  try:
-    os.rename(built, target)
-  except BaseException:
-    os.rename(backup, target)
-    raise
-  shutil.rmtree(backup, ignore_errors=True)
 
 
 def read_backbone_meta(directory: str | os.PathLike) -> dict[str, Any]:

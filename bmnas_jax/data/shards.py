@@ -9,7 +9,6 @@ import re
 import shutil
 import tempfile
 import types
-import uuid
 from typing import Any, Iterator, Mapping, Sequence
 
 import grain
@@ -17,6 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
+from bmnas_jax.checkpoint import swap_dir_into_place
 from bmnas_jax.data.feature_set import SPLITS, FeatureSet, NodeSpec, Split
 
 FORMAT_NAME = "bmnas_jax.feature_set"
@@ -232,26 +232,10 @@ def write_shards(feature_set: FeatureSet, data_dir: str | os.PathLike, name: str
     for filename in (DATASET_INFO_FILENAME, FEATURES_FILENAME, METADATA_FILENAME):
       if not (built / filename).is_file():
         raise ShardError(f"writing {target}: TFDS did not produce {filename}")
-    _swap_into_place(built, target)
+    swap_dir_into_place(built, target)
   finally:
     shutil.rmtree(tmp_root, ignore_errors=True)
   return target
-
-
-def _swap_into_place(built: pathlib.Path, target: pathlib.Path) -> None:
-  """Renames `built` to `target`, replacing an existing `target` only on success."""
-  target.parent.mkdir(parents=True, exist_ok=True)
-  if not target.exists():
-    os.rename(built, target)
-    return
-  backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-  os.rename(target, backup)
-  try:
-    os.rename(built, target)
-  except BaseException:
-    os.rename(backup, target)
-    raise
-  shutil.rmtree(backup, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------
