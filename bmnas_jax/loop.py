@@ -8,13 +8,16 @@ only host sync is the epoch's summary. Seeds ride a leading axis under `vmap`.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
+from bmnas_jax.checkpoint import Checkpointer
 from bmnas_jax.data.feature_set import FeatureSet, Split
 from bmnas_jax.steps import NONFINITE, Steps, TrainState
 
@@ -191,12 +194,6 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
   Returns:
     (states, history of records, extra).
   """
-  import time
-
-  from tqdm import tqdm
-
-  from bmnas_jax.checkpoint import Checkpointer
-
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"))
   history, extra, start = [], dict(extra0), 0
   try:

@@ -94,14 +94,14 @@ def agreement(genotypes: list[genotype_lib.Genotype]) -> dict[str, Any]:
           "cells": per_cell}
 
 
-def fingerprint(config, keys) -> dict:
-  """Config parts a resumed search must share with the checkpoint."""
+def fingerprint(config) -> dict:
+  """Config parts a resumed search must share with the checkpoint (not the epoch count)."""
   c = config
-  return {k: json.loads(v.to_json()) if hasattr(v, "to_json") else v for k, v in {
-      "data": c.data, "model": c.model, "fidelity": c.fidelity, "seed": c.seed,
-      "seeds": c.seeds, "search_batch": c.search.batch_size,
-      "alternation": c.search.alternation, "weight_opt": c.search.weight_opt,
-      "arch_opt": c.search.arch_opt, "metric": c.metric}.items() if k in keys}
+  parts = {"data": c.data, "model": c.model, "fidelity": c.fidelity, "seed": c.seed,
+           "seeds": c.seeds, "search_batch": c.search.batch_size,
+           "alternation": c.search.alternation, "weight_opt": c.search.weight_opt,
+           "arch_opt": c.search.arch_opt, "metric": c.metric}
+  return {k: json.loads(v.to_json()) if hasattr(v, "to_json") else v for k, v in parts.items()}
 
 
 def run_search(config, fs: FeatureSet, workdir: str) -> SearchResult:
@@ -226,17 +226,13 @@ def run_search(config, fs: FeatureSet, workdir: str) -> SearchResult:
     extra0 = {"best_val_metric": [-np.inf] * len(seeds), "best_epoch": [-1] * len(seeds),
               "best_genotype": [None] * len(seeds)}
     states, history, extra = loop.run_epochs(
-        stage_dir, fingerprint(config, FINGERPRINT_KEYS), states,
+        stage_dir, fingerprint(config), states,
         lambda st, e: epoch_vmapped(st, train, val, e), sc.epochs, on_epoch, write_outputs,
         "search", extra0)
   best = [genotype_lib.from_json_dict(g) for g in extra["best_genotype"]]
   chosen = int(np.argmax(extra["best_val_metric"]))
   return SearchResult(seeds, best, list(extra["best_val_metric"]), list(extra["best_epoch"]),
                       best[chosen], sum(r["seconds"] for r in history), history, traces[0])
-
-
-FINGERPRINT_KEYS = ("data", "model", "fidelity", "seed", "seeds", "search_batch",
-                    "alternation", "weight_opt", "arch_opt", "metric")
 
 
 def _alternate_steps(steps: Steps, state, data, idx_t, idx_v, key, mesh):

@@ -18,7 +18,6 @@ _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
