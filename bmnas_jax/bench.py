@@ -11,9 +11,9 @@ import numpy as np
 
 from bmnas_jax import loop, optim
 from bmnas_jax.data.feature_set import nodes_from_config
-from bmnas_jax.search import _alternate_steps, seed_keys
+from bmnas_jax.search import alternate_steps, seed_keys
 from bmnas_jax.search_space import hypernet_from_config
-from bmnas_jax.steps import Steps, TrainState
+from bmnas_jax.steps import Steps
 from bmnas_jax.summary import count
 
 
@@ -49,17 +49,12 @@ def benchmark(config, seeds: int = 1, steps: int = 20, repeats: int = 5,
   idx = jnp.asarray(np.arange(steps * batch).reshape(steps, batch) % n)
   sample = jax.tree.map(lambda a: a[:2], data["train"]["x"])
 
-  def init_one(key):
-    v = model.init({"params": key, "dropout": key}, sample, False)
-    return TrainState(v["params"], v["arch"], v["batch_stats"], w_tx.init(v["params"]),
-                      a_tx.init(v["arch"]), key)
-
   def run_one(state, data):
-    state, w, a = _alternate_steps(st, state, data, idx, idx, state.key, mesh)
+    state, w, a = alternate_steps(st, state, data, idx, idx, state.key, mesh)
     return state, w["loss"] + a["loss"]
 
   with jax.set_mesh(mesh):
-    states = jax.jit(jax.vmap(init_one))(loop.shard_seeds(seed_keys(list(range(seeds)), 0),
+    states = jax.jit(jax.vmap(lambda k: st.init_state(k, sample)))(loop.shard_seeds(seed_keys(list(range(seeds)), 0),
                                                           mesh))
     fn = jax.jit(jax.vmap(run_one, in_axes=(0, None), spmd_axis_name=loop.SEED))
     t0 = time.perf_counter()

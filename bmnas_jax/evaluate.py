@@ -14,7 +14,7 @@ from bmnas_jax.checkpoint import write_json_atomic, write_jsonl_atomic
 from bmnas_jax.data.feature_set import FeatureSet
 from bmnas_jax.fixed_net import fixed_net_from_config
 from bmnas_jax.search import check_data_against_config, seed_keys, seed_list
-from bmnas_jax.steps import Steps, TrainState
+from bmnas_jax.steps import Steps
 
 
 def mean_std(values) -> dict[str, float]:
@@ -54,12 +54,6 @@ def run_evaluate(config, fs: FeatureSet, genotype: genotype_lib.Genotype, workdi
   sample = jax.tree.map(lambda a: a[:2], train["x"])
   val_held_out = "val" not in ec.train_splits
 
-  def init_one(key):
-    k_params, k_drop = jax.random.split(key)
-    v = model.init({"params": k_params, "dropout": k_drop}, sample, False)
-    return TrainState(v["params"], {}, v.get("batch_stats", {}), w_tx.init(v["params"]), (),
-                      key)
-
   traces = [0]
 
   def epoch_one(state, train, held_out, epoch):
@@ -77,7 +71,7 @@ def run_evaluate(config, fs: FeatureSet, genotype: genotype_lib.Genotype, workdi
   stage_dir = os.path.join(workdir, stage)
   with jax.set_mesh(mesh):
     keys = loop.shard_seeds(seed_keys(seeds, 1), mesh)
-    states = jax.jit(jax.vmap(init_one))(keys)
+    states = jax.jit(jax.vmap(lambda k: steps.init_state(k, sample)))(keys)
     epoch_vmapped = jax.jit(jax.vmap(epoch_one, in_axes=(0, None, None, None),
                                      spmd_axis_name=loop.SEED))
 

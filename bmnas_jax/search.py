@@ -137,12 +137,6 @@ def run_search(config, fs: FeatureSet, workdir: str) -> SearchResult:
   val = loop.device_split(fs.splits["val"], mesh)
   sample = jax.tree.map(lambda a: a[:2], train["x"])
 
-  def init_one(key):
-    k_params, k_drop = jax.random.split(key)
-    v = model.init({"params": k_params, "dropout": k_drop}, sample, False)
-    return TrainState(v["params"], v["arch"], v["batch_stats"], w_tx.init(v["params"]),
-                      a_tx.init(v["arch"]), key)
-
   traces = [0]
 
   def epoch_one(state: TrainState, train, val, epoch):
@@ -155,7 +149,7 @@ def run_search(config, fs: FeatureSet, workdir: str) -> SearchResult:
       state, wm = loop.scan_steps(steps.weight_step, state, train, idx_t, k_w, mesh)
       state, am = loop.scan_steps(steps.arch_step, state, val, idx_v, k_a, mesh)
     else:                               # DARTS: alternate every batch
-      state, wm, am = _alternate_steps(steps, state, {"train": train, "val": val}, idx_t,
+      state, wm, am = alternate_steps(steps, state, {"train": train, "val": val}, idx_t,
                                        idx_v, k_w, mesh)
     (ev,) = loop.evaluate_splits(steps, state, val, (n_val,), batch, mesh)
     return state, {"train_loss": wm["loss"], "arch_loss": am["loss"], "val_loss": ev["loss"],
@@ -165,7 +159,7 @@ def run_search(config, fs: FeatureSet, workdir: str) -> SearchResult:
 
   with jax.set_mesh(mesh):
     keys = loop.shard_seeds(seed_keys(seeds, 0), mesh)
-    states = jax.jit(jax.vmap(init_one))(keys)
+    states = jax.jit(jax.vmap(lambda k: steps.init_state(k, sample)))(keys)
     epoch_vmapped = jax.jit(jax.vmap(epoch_one, in_axes=(0, None, None, None),
                                      spmd_axis_name=loop.SEED))
     stage_dir = os.path.join(workdir, "search")
@@ -235,7 +229,7 @@ def run_search(config, fs: FeatureSet, workdir: str) -> SearchResult:
                       best[chosen], sum(r["seconds"] for r in history), history, traces[0])
 
 
-def _alternate_steps(steps: Steps, state, data, idx_t, idx_v, key, mesh):
+def alternate_steps(steps: Steps, state, data, idx_t, idx_v, key, mesh):
   """DARTS alternation: per train batch one weight step, then one arch step on a val batch."""
   nb_train, nb_val = idx_t.shape[0], idx_v.shape[0]
 

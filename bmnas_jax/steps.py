@@ -95,6 +95,18 @@ class Steps:
     self.w_tx, self.a_tx = w_tx, a_tx
     self.metric, self.threshold = metric, threshold
 
+  def init_state(self, key: jax.Array, sample_x) -> TrainState:
+    """A fresh state for one seed: model variables from `key` (params and dropout
+    streams split from it), both optimizer states, and `key` as the seed's base key.
+
+    Args: key: uint32 `[2]`; sample_x: node -> `[b, C_in, L_in]` (shapes only matter).
+    """
+    k_params, k_drop = jax.random.split(key)
+    v = self.model.init({"params": k_params, "dropout": k_drop}, sample_x, False)
+    arch = v.get("arch", {})
+    return TrainState(v["params"], arch, v.get("batch_stats", {}), self.w_tx.init(v["params"]),
+                      self.a_tx.init(arch) if self.a_tx is not None else (), key)
+
   def _forward_train(self, params, arch, batch_stats, x, key):
     logits, upd = self.model.apply(_variables(params, arch, batch_stats), x, True,
                                    rngs={"dropout": key}, mutable=["batch_stats"])
