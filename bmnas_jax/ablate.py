@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -10,6 +11,9 @@ from bmnas_jax import genotype as genotype_lib
 from bmnas_jax.checkpoint import write_json_atomic
 from bmnas_jax.data.feature_set import FeatureSet
 from bmnas_jax.evaluate import run_evaluate
+
+if TYPE_CHECKING:
+  from bmnas_jax.data.shards import ShardSource
 
 FUSIONS = ("Sum", "ConcatFC", "MHA", "AoA")
 
@@ -30,8 +34,8 @@ def ablation_genotypes(searched: genotype_lib.Genotype, seed: int,
   return rows
 
 
-def run_ablations(config, fs: FeatureSet, searched: genotype_lib.Genotype, workdir: str,
-                  searched_result: dict) -> dict:
+def run_ablations(config, fs: FeatureSet | ShardSource, searched: genotype_lib.Genotype,
+                  workdir: str, searched_result: dict) -> dict:
   """Retrains every ablation genotype over `config.seeds` seeds (each its own stage
   folder under `ablate/`, resumable) and writes `ablate/results.json`.
 

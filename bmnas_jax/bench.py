@@ -11,7 +11,7 @@ import numpy as np
 
 from bmnas_jax import loop, optim
 from bmnas_jax.data.feature_set import nodes_from_config
-from bmnas_jax.search import alternate_steps, seed_keys
+from bmnas_jax.search import alternation_step, seed_keys
 from bmnas_jax.search_space import hypernet_from_config
 from bmnas_jax.steps import Steps
 from bmnas_jax.summary import count
@@ -49,9 +49,14 @@ def benchmark(config, seeds: int = 1, steps: int = 20, repeats: int = 5,
   idx = jnp.asarray(np.arange(steps * batch).reshape(steps, batch) % n)
   sample = jax.tree.map(lambda a: a[:2], data["train"]["x"])
 
+  step = alternation_step(st)
+
   def run_one(state, data):
-    state, w, a = alternate_steps(st, state, data, idx, idx, state.key, mesh)
-    return state, w["loss"] + a["loss"]
+    def fetch(j):
+      return {s: loop.take_batch(data[s], idx[j], mesh) for s in ("train", "val")}
+    state, acc = loop.fold_steps(step, state, loop.zero_acc(("w", "a")), fetch, steps,
+                                 state.key)
+    return state, (acc["w"]["loss_sum"] + acc["a"]["loss_sum"]) / steps
 
   with jax.set_mesh(mesh):
     states = jax.jit(jax.vmap(lambda k: st.init_state(k, sample)))(loop.shard_seeds(seed_keys(list(range(seeds)), 0),

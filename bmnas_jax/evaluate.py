@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -15,6 +16,10 @@ from bmnas_jax.data.feature_set import FeatureSet
 from bmnas_jax.fixed_net import fixed_net_from_config
 from bmnas_jax.search import check_data_against_config, seed_keys, seed_list
 from bmnas_jax.steps import Steps
+from bmnas_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+  from bmnas_jax.data.shards import ShardSource
 
 
 def mean_std(values) -> dict[str, float]:
@@ -22,61 +27,60 @@ def mean_std(values) -> dict[str, float]:
   return {"mean": float(v.mean()), "std": float(v.std(ddof=0)), "values": v.tolist()}
 
 
-def run_evaluate(config, fs: FeatureSet, genotype: genotype_lib.Genotype, workdir: str,
-                 stage: str = "evaluate") -> dict:
+def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Genotype,
+                 workdir: str, stage: str = "evaluate") -> dict:
   """Retrains `genotype` on `config.evaluate.train_splits` for `config.seeds` seeds.
 
   Reports the test metric at the final epoch (per seed, mean ± std), and separately
   the test metric at the epoch the validation split selects (best val metric; when
   val is among the training splits it is not held out, and the result says so).
-  The test split is never used to select anything. Writes `workdir/<stage>/
-  metrics.jsonl` (a line per epoch) and `metrics.json` (the result).
+  The test split is never used to select anything. `fs` is a FeatureSet (on the
+  devices) or a `shards.ShardSource` (streamed, `config.data.stream_block`), with
+  the same results. Writes `workdir/<stage>/metrics.jsonl` (a line per epoch) and
+  `metrics.json` (the result).
   """
-  fs.validate("features")
+  loop.check_data(fs)
   check_data_against_config(config, fs)
   ec = config.evaluate
   if not isinstance(ec.epochs, int) or ec.epochs < 1:
-    raise ValueError(f"config.evaluate.epochs={ec.epochs!r} must be a positive int")
+    raise ConfigError(f"config.evaluate.epochs={ec.epochs!r} must be a positive int")
   if "test" in ec.train_splits:
-    raise ValueError("config.evaluate.train_splits must not contain 'test'")
+    raise ConfigError("config.evaluate.train_splits must not contain 'test'")
   seeds = seed_list(config)
   mesh = loop.mesh_from_config(config)
   loop.check_batch_divides(ec.batch_size, mesh, "config.evaluate.batch_size")
+  block = loop.stream_block(config)
   model = fixed_net_from_config(config, fs.nodes, genotype, dropout=ec.dropout)
-  train_split = loop.concat_splits(fs, tuple(ec.train_splits))
-  n_train, n_val, n_test = len(train_split), len(fs.splits["val"]), len(fs.splits["test"])
+  train_splits = tuple(ec.train_splits)
+  n_train = loop.rows_of(fs, train_splits, "config.evaluate.train_splits")
+  loop.rows_of(fs, ("val", "test"), "the evaluation")
   batch = ec.batch_size
   nb = loop.num_batches(n_train, batch, "config.evaluate.batch_size")
   w_tx = optim.weight_optimizer(ec.weight_opt, n_train / batch, ec.epochs * nb)
   steps = Steps(model, fs.label_kind, w_tx, None, config.metric.name, config.metric.threshold)
-  train = loop.device_split(train_split, mesh)
-  held_out = loop.device_split(loop.concat_splits(fs, ("val", "test")), mesh)
-  sample = jax.tree.map(lambda a: a[:2], train["x"])
   val_held_out = "val" not in ec.train_splits
 
-  traces = [0]
+  def plan(key, epoch):
+    k_perm, k_w = jax.random.split(jax.random.fold_in(key, epoch))
+    return (({"train": loop.shuffled_batches(k_perm, n_train, batch, nb)}, k_w),)
 
-  def epoch_one(state, train, held_out, epoch):
-    traces[0] += 1
-    k_perm, k_w = jax.random.split(jax.random.fold_in(state.key, epoch))
-    idx = loop.shuffled_batches(k_perm, n_train, batch, nb)
-    state, wm = loop.scan_steps(steps.weight_step, state, train, idx, k_w, mesh)
-    ev_val, ev_test = loop.evaluate_splits(steps, state, held_out, (n_val, n_test), batch,
-                                           mesh)
-    return state, {"train_loss": wm["loss"], "bad_step": wm["bad_step"],
-                   "bad_code": wm["bad_code"], "val_loss": ev_val["loss"],
-                   "val_metric": ev_val["metric"], "test_loss": ev_test["loss"],
-                   "test_metric": ev_test["metric"]}
+  phases = (loop.Phase(loop.grouped("w", steps.weight_step, "train"), {"train": train_splits},
+                       nb, ("w",)),)
+  epochs = loop.make_epochs(loop.EpochSpec(phases, plan, ("val", "test"), batch), steps, fs,
+                            mesh, block)
 
   stage_dir = os.path.join(workdir, stage)
   with jax.set_mesh(mesh):
     keys = loop.shard_seeds(seed_keys(seeds, 1), mesh)
-    states = jax.jit(jax.vmap(lambda k: steps.init_state(k, sample)))(keys)
-    epoch_vmapped = jax.jit(jax.vmap(epoch_one, in_axes=(0, None, None, None),
-                                     spmd_axis_name=loop.SEED))
+    states = jax.jit(jax.vmap(lambda k: steps.init_state(k, epochs.sample_x)))(keys)
 
     def on_epoch(epoch, states, m, seconds, extra):
-      loop.describe_bad(f"{stage} weight step", epoch, seeds, m["bad_step"], m["bad_code"])
+      loop.describe_bad(f"{stage} weight step", epoch, seeds, m["w"]["bad_step"],
+                        m["w"]["bad_code"])
+      ev_val, ev_test = m["eval"]
+      m = {"train_loss": m["w"]["loss"], "val_loss": ev_val["loss"],
+           "val_metric": ev_val["metric"], "test_loss": ev_test["loss"],
+           "test_metric": ev_test["metric"]}
       rec = {"epoch": epoch, "seconds": round(seconds, 4), "seeds": seeds,
              "metric": config.metric.name}
       for k in ("train_loss", "val_loss", "val_metric", "test_loss", "test_metric"):
@@ -94,11 +98,10 @@ def run_evaluate(config, fs: FeatureSet, genotype: genotype_lib.Genotype, workdi
     fp = {"genotype": genotype.to_json_dict(), "evaluate": json.loads(ec.to_json()),
           "model": json.loads(config.model.to_json()), "fidelity": config.fidelity,
           "seed": config.seed, "seeds": config.seeds, "metric": json.loads(config.metric.to_json())}
-    _, history, _ = loop.run_epochs(
-        stage_dir, fp, states, lambda st, e: epoch_vmapped(st, train, held_out, e), ec.epochs,
-        on_epoch, write_outputs, stage, {})
+    _, history, _ = loop.run_epochs(stage_dir, fp, states, epochs, ec.epochs, on_epoch,
+                                    write_outputs, stage, {})
   return {**summarize(history, seeds, config, genotype, val_held_out, stage),
-          "epoch_traces": traces[0]}
+          "epoch_traces": epochs.traces}
 
 
 def summarize(history, seeds, config, genotype, val_held_out: bool, stage: str) -> dict:

@@ -24,12 +24,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bmnas_jax import ops
+from bmnas_jax.errors import ConfigError, DataError
 
 FORMAT = "bmnas-genotype/1"
 CELL_INPUT_MODES = ("all", "features_only")
 
 
-class GenotypeError(ValueError):
+class GenotypeError(DataError):
   """An invalid genotype; the message names the offending field."""
 
 
@@ -268,7 +269,8 @@ def derive(arch: Mapping[str, Any], node_names: Sequence[str], *, num_cells: int
     A validated Genotype.
   """
   if cell_inputs not in CELL_INPUT_MODES:
-    raise ValueError(f"cell_inputs={cell_inputs!r}; valid: {', '.join(CELL_INPUT_MODES)}")
+    raise ConfigError(f"config.model.cell_inputs={cell_inputs!r}; valid: "
+                      f"{', '.join(CELL_INPUT_MODES)}")
   pool = ops.step_op_pool(fidelity)
   n = len(node_names)
   cells, used_pairs, used_nodes = [], set(), set()
@@ -285,8 +287,9 @@ def derive(arch: Mapping[str, Any], node_names: Sequence[str], *, num_cells: int
               # once every feature is used, fall back to "no repeated pair"
               or _best_pair(wx, wy, range(n), new_pair, ordered=two_slot))
     if pair is None:
-      raise ValueError(f"cannot derive Cell {k}: every pair of the {n} features is taken "
-                       f"(cell_inputs={cell_inputs!r}: more Cells than feature pairs)")
+      raise ConfigError(f"config.model.num_cells: cannot derive Cell {k}: every pair of the "
+                        f"{n} features is taken (cell_inputs={cell_inputs!r}: more Cells "
+                        f"than feature pairs)")
     used_pairs.add(frozenset(pair))
     used_nodes.update(pair)
     cell_steps = _derive_steps(np.asarray(a["beta"]), np.asarray(a["gamma"]), pool, steps,
@@ -350,7 +353,8 @@ def late_fusion(node_names: Sequence[str]) -> Genotype:
   for u, name in enumerate(node_names):
     last[modality_of(name)] = u
   if len(last) < 2:
-    raise ValueError(f"late fusion needs two modalities; nodes are {list(node_names)}")
+    raise ConfigError(f"late fusion needs two modalities (config.data.modalities); nodes are "
+                      f"{list(node_names)}")
   n = len(node_names)
   lasts = list(last.values())
   cells = [fusion_cell("ConcatFC", (lasts[0], lasts[1]))]

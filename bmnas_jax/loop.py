@@ -1,15 +1,23 @@
-"""Device-resident splits, the device mesh, and whole epochs as scanned programs.
+"""Device splits or streamed shard blocks, the device mesh, and epochs as scanned programs.
 
-Every epoch is one compiled call: the split sits on the device, a per-epoch
-permutation from the seed's key orders it, `lax.scan` runs the steps, and the
-only host sync is the epoch's summary. Seeds ride a leading axis under `vmap`.
+In memory, every epoch is one compiled call: the split sits on the device, a
+per-epoch permutation from the seed's key orders it, a compiled loop runs the
+steps, and the only host sync is the epoch's summary. Streamed (the data do not
+fit in device memory), the same permutations order the batches, the host reads
+blocks of K batches from the shards, and each block is one compiled call with
+the same step loop. Seeds ride a leading axis under `vmap`.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +28,7 @@ from tqdm import tqdm
 from bmnas_jax.checkpoint import Checkpointer
 from bmnas_jax.data.feature_set import FeatureSet, Split
 from bmnas_jax.steps import NONFINITE, Steps, TrainState
+from bmnas_jax.errors import ConfigError, DataError
 
 DATA, SEED = "data", "seed"
 
@@ -38,9 +47,9 @@ def make_mesh(num_devices: int | None = None, seed_shards: int = 1) -> Mesh:
   devices = jax.devices()
   n = len(devices) if not num_devices else num_devices
   if n > len(devices):
-    raise ValueError(f"config.devices={n} but only {len(devices)} devices are visible")
+    raise ConfigError(f"config.devices={n} but only {len(devices)} devices are visible")
   if n % seed_shards:
-    raise ValueError(f"config.seed_shards={seed_shards} does not divide {n} devices")
+    raise ConfigError(f"config.seed_shards={seed_shards} does not divide {n} devices")
   return Mesh(np.asarray(devices[:n]).reshape(seed_shards, n // seed_shards), (SEED, DATA))
 
 
@@ -65,39 +74,83 @@ def device_split(split: Split, mesh: Mesh) -> dict[str, Any]:
                     "y": np.asarray(split.labels)}, mesh)
 
 
+def split_key(names) -> str:
+  """The name of a concatenation of splits (`train+val`)."""
+  return "+".join(names)
+
+
 def concat_splits(fs: FeatureSet, names) -> Split:
   """Concatenation of named splits (e.g. train+val for retraining)."""
   for n in names:
     if n not in fs.splits:
-      raise ValueError(f"no split {n!r} in the features (config.evaluate.train_splits?); "
-                       f"have {sorted(fs.splits)}")
+      raise ConfigError(f"no split {n!r} in the features (config.evaluate.train_splits?); "
+                        f"have {sorted(fs.splits)}")
   parts = [fs.splits[n] for n in names]
+  if len(parts) == 1:
+    return parts[0]
   return Split({k: np.concatenate([p.features[k] for p in parts]) for k in parts[0].features},
                np.concatenate([p.labels for p in parts]))
+
+
+def check_data(data) -> None:
+  """A FeatureSet is validated; a ShardSource was checked when it was opened."""
+  if isinstance(data, FeatureSet):
+    data.validate("features")
+  elif not (hasattr(data, "read") and hasattr(data, "split_sizes")):
+    raise TypeError(f"the trainers take a FeatureSet or a shards.ShardSource, not "
+                    f"{type(data).__name__}")
+
+
+def split_sizes(data) -> dict[str, int]:
+  """Split name -> examples, of a FeatureSet or a ShardSource."""
+  if isinstance(data, FeatureSet):
+    return {k: len(v) for k, v in data.splits.items()}
+  return dict(data.split_sizes)
+
+
+def rows_of(data, names, what: str) -> int:
+  """Examples in the concatenation of splits `names`; a missing split names `what` needs it."""
+  sizes = split_sizes(data)
+  missing = [n for n in names if n not in sizes]
+  if missing:
+    raise DataError(f"{what} needs split(s) {missing}; the features have {sorted(sizes)}")
+  return sum(sizes[n] for n in names)
+
+
+def stream_block(config) -> int:
+  """`config.data.stream_block`: batches per streamed block (default 16)."""
+  k = config.data.get("stream_block", 16)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"config.data.stream_block={k!r} must be a positive int")
+  return k
 
 
 def num_batches(n: int, batch_size: int, key: str) -> int:
   """Full batches per epoch (training drops the remainder); errors name the config key."""
   if batch_size < 1:
-    raise ValueError(f"{key}={batch_size} must be >= 1")
+    raise ConfigError(f"{key}={batch_size} must be >= 1")
   if n < batch_size:
-    raise ValueError(f"{key}={batch_size} is larger than the split ({n} samples)")
+    raise ConfigError(f"{key}={batch_size} is larger than the split ({n} samples)")
   return n // batch_size
 
 
 def check_batch_divides(batch_size: int, mesh: Mesh, key: str) -> None:
   d = mesh.shape[DATA]
   if batch_size % d:
-    raise ValueError(f"{key}={batch_size} must be divisible by the {d} devices of the "
-                     f"mesh's data axis")
+    raise ConfigError(f"{key}={batch_size} must be divisible by the {d} devices of the "
+                      f"mesh's data axis")
+
+
+def shard_batch(batch, mesh: Mesh):
+  """A batch (leaves `[B, ...]`) with its batch axis sharded along `data`."""
+  return jax.tree.map(
+      lambda a: jax.lax.with_sharding_constraint(
+          a, NamedSharding(mesh, P(DATA, *([None] * (a.ndim - 1))))), batch)
 
 
 def take_batch(data, idx: jax.Array, mesh: Mesh):
   """Rows `idx` `[B]` of a device split, the batch axis sharded along `data`."""
-  batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
-  return jax.tree.map(
-      lambda a: jax.lax.with_sharding_constraint(
-          a, NamedSharding(mesh, P(DATA, *([None] * (a.ndim - 1))))), batch)
+  return shard_batch(jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data), mesh)
 
 
 def shuffled_batches(key: jax.Array, n: int, batch_size: int, nb: int) -> jax.Array:
@@ -107,39 +160,110 @@ def shuffled_batches(key: jax.Array, n: int, batch_size: int, nb: int) -> jax.Ar
 
 # ------------------------------------------------------------------- epochs
 
-def first_bad(bad: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(index of the first step with a non-finite quantity or -1, its code)."""
-  hit = bad > 0
-  idx = jnp.where(jnp.any(hit), jnp.argmax(hit), -1)
-  return idx, jnp.where(idx >= 0, bad[jnp.maximum(idx, 0)], 0)
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One loop of training steps in an epoch.
 
-
-def scan_steps(step: Callable, state: TrainState, data, idx: jax.Array, key: jax.Array,
-               mesh: Mesh):
-  """Runs `step(state, batch, key)` over the rows `idx` `[nb, B]` with `lax.scan`.
-
-  Returns (state, {'loss': mean loss, 'bad_step', 'bad_code'}).
+  Attributes:
+    step: `(state, batch, key) -> (state, {group: {'loss': [], 'bad': []}})`, where
+      `batch` maps each source to `{'x': {node: [B, C_in, L_in]}, 'y': [B] or [B, K]}`.
+    sources: source name -> the splits its rows index, concatenated in this order.
+    num_steps: steps per epoch.
+    groups: the groups the step reports (e.g. `w`, `a`); unique across phases.
   """
-  def body(st, i):
-    st, out = step(st, take_batch(data, idx[i], mesh), jax.random.fold_in(key, i))
-    return st, out
-
-  state, outs = jax.lax.scan(body, state, jnp.arange(idx.shape[0]))
-  bad_step, bad_code = first_bad(outs["bad"])
-  return state, {"loss": outs["loss"].mean(), "bad_step": bad_step, "bad_code": bad_code}
+  step: Callable
+  sources: dict[str, tuple[str, ...]]
+  num_steps: int
+  groups: tuple[str, ...]
 
 
-def evaluate_splits(steps: Steps, state: TrainState, data, sizes: tuple[int, ...],
-                    batch_size: int, mesh: Mesh) -> list[dict[str, jax.Array]]:
-  """{'loss', 'metric'} of each split, in order, from one scan over their batches.
+@dataclasses.dataclass(frozen=True)
+class EpochSpec:
+  """A trainer's epoch: its phases in order, then one evaluation of held-out splits.
+
+  Attributes:
+    phases: the training phases.
+    plan: `(seed key uint32 [2], epoch) -> ((rows, key), ...)`, a pair per phase:
+      `rows` maps each source to int32 `[num_steps, B]` row indices (rows of the
+      concatenated splits) and step i of the phase gets `fold_in(key, i)`. Both
+      data paths order their batches with this one function.
+    eval_splits: the splits evaluated after the phases (`eval_batches`).
+    eval_batch: their batch size.
+  """
+  phases: tuple[Phase, ...]
+  plan: Callable
+  eval_splits: tuple[str, ...]
+  eval_batch: int
+
+
+def grouped(group: str, step: Callable, source: str) -> Callable:
+  """A `Steps` method as a phase step: it reads `batch[source]` and reports `{group: out}`."""
+  def phase_step(state, batch, key):
+    state, out = step(state, batch[source], key)
+    return state, {group: out}
+  return phase_step
+
+
+def zero_acc(groups) -> dict[str, dict[str, jax.Array]]:
+  """Per group `{'loss_sum': 0., 'bad_step': -1, 'bad_code': 0}` (scalars, one seed)."""
+  return {g: {"loss_sum": jnp.float32(0), "bad_step": jnp.int32(-1), "bad_code": jnp.int32(0)}
+          for g in groups}
+
+
+def add_step(acc, out, i: jax.Array):
+  """Folds the outputs `{group: {'loss': [], 'bad': []}}` of step `i` into `acc`
+  (`zero_acc`): losses are summed, the first non-finite step is kept."""
+  new = {}
+  for g, a in acc.items():
+    hit = (a["bad_step"] < 0) & (out[g]["bad"] > 0)
+    new[g] = {"loss_sum": a["loss_sum"] + out[g]["loss"],
+              "bad_step": jnp.where(hit, i, a["bad_step"]).astype(jnp.int32),
+              "bad_code": jnp.where(hit, out[g]["bad"], a["bad_code"]).astype(jnp.int32)}
+  return new
+
+
+def loop_batches(body: Callable, carry, n: int, n_valid: jax.typing.ArrayLike | None = None):
+  """`carry = body(j, carry)` for j < n, compiled: a `lax.scan` when n_valid is None,
+  else a loop over the first `n_valid` (a traced scalar) of n positions (a block's
+  padding positions are not run). The one loop of both data paths."""
+  return jax.lax.fori_loop(0, n if n_valid is None else n_valid, body, carry)
+
+
+def fold_steps(step: Callable, state: TrainState, acc, fetch: Callable, n: int, key: jax.Array,
+               start: jax.typing.ArrayLike = 0, n_valid: jax.typing.ArrayLike | None = None):
+  """Runs `step(state, fetch(j), fold_in(key, start + j))` for j < n (or n_valid).
+
+  The one step body of both data paths: `fetch(j)` gathers batch j from a device
+  split, or slices it out of a streamed block `[K, B, ...]`.
 
   Args:
-    data: the splits concatenated along the sample axis (`concat_splits`).
-    sizes: the samples of each split, in that order; each split's last batch is
-      padded (repeating its last row) and masked.
+    step: a phase step, `(state, batch, key) -> (state, {group: {'loss', 'bad'}})`.
+    acc: the phase's accumulator (`zero_acc`), its outputs are folded into.
+    fetch: `j -> batch` of position j.
+    n: positions.
+    key: the phase key; `start + j` is the step's index within the phase.
+    start: the phase index of position 0 (a streamed block starts mid-phase).
+    n_valid: steps to run (the rest of a phase's last block is padding); None: n.
   Returns:
-    One {'loss', 'metric'} per split. One scan body serves every split, so the
-    evaluation is compiled once however many splits it covers.
+    (state, acc).
+  """
+  def body(j, carry):
+    state, acc = carry
+    i = start + j
+    state, out = step(state, fetch(j), jax.random.fold_in(key, i))
+    return state, add_step(acc, out, i)
+
+  return loop_batches(body, (state, acc), n, n_valid)
+
+
+def eval_batches(sizes: tuple[int, ...], batch_size: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The evaluation batches of splits concatenated in order (host arrays).
+
+  Each split's last batch is padded (repeating its last row) and masked.
+  Returns:
+    rows int32 `[nb, B]` (rows of the concatenation), masks bool `[nb, B]`, and
+    sids int32 `[nb]` (the split of each batch, an index into `sizes`).
   """
   rows, masks, sids, offset = [], [], [], 0
   for sid, n in enumerate(sizes):
@@ -149,19 +273,281 @@ def evaluate_splits(steps: Steps, state: TrainState, data, sizes: tuple[int, ...
     masks.append(r < n)
     sids += [sid] * nb
     offset += n
-  rows, masks = jnp.asarray(np.concatenate(rows)), jnp.asarray(np.concatenate(masks))
-  sids = jnp.asarray(np.asarray(sids, np.int32))
+  return (np.concatenate(rows).astype(np.int32), np.concatenate(masks),
+          np.asarray(sids, np.int32))
 
-  def out_of(i):
-    return steps.eval_step(state, {**take_batch(data, rows[i], mesh), "mask": masks[i]})
 
-  def body(sums, i):
-    return jax.tree.map(lambda acc, o: acc.at[sids[i]].add(o), sums, out_of(i)), None
+def eval_zero(steps: Steps, state: TrainState, batch, num_splits: int):
+  """Zero sums of `eval_step` outputs, `[num_splits, ...]` (batch: arrays or shape structs)."""
+  shapes = jax.eval_shape(steps.eval_step, state, batch)
+  return jax.tree.map(lambda s: jnp.zeros((num_splits,) + s.shape, s.dtype), shapes)
 
-  zero = jax.tree.map(lambda a: jnp.zeros((len(sizes),) + a.shape, a.dtype),
-                      jax.eval_shape(out_of, 0))
-  sums, _ = jax.lax.scan(body, zero, jnp.arange(rows.shape[0]))
-  return [steps.finish_eval(jax.tree.map(lambda a, k=k: a[k], sums)) for k in range(len(sizes))]
+
+def fold_eval(steps: Steps, state: TrainState, sums, fetch: Callable, n: int,
+              n_valid: jax.typing.ArrayLike | None = None):
+  """Adds `eval_step` of n (or n_valid) batches into `sums` (`eval_zero`), each to its
+  split's row; `fetch(j)` returns batch j with `'mask'` bool `[B]` and `'sid'` int32 `[]`.
+
+  One loop body serves every split, so the evaluation is compiled once however
+  many splits it covers.
+  """
+  def body(j, sums):
+    batch = fetch(j)
+    out = steps.eval_step(state, batch)
+    return jax.tree.map(lambda a, o: a.at[batch["sid"]].add(o), sums, out)
+
+  return loop_batches(body, sums, n, n_valid)
+
+
+def finish_epoch(spec: EpochSpec, steps: Steps, acc, sums) -> dict[str, Any]:
+  """An epoch's metrics (one seed) from its accumulators.
+
+  Returns:
+    `{group: {'loss': mean over the phase's steps, 'bad_step': first non-finite
+    step or -1, 'bad_code'}, 'eval': [{'loss', 'metric'} per eval split]}`.
+  """
+  num_steps = {g: ph.num_steps for ph in spec.phases for g in ph.groups}
+  out = {g: {"loss": a["loss_sum"] / num_steps[g], "bad_step": a["bad_step"],
+             "bad_code": a["bad_code"]} for g, a in acc.items()}
+  out["eval"] = [steps.finish_eval(jax.tree.map(lambda a, k=k: a[k], sums))
+                 for k in range(len(spec.eval_splits))]
+  return out
+
+
+class InMemoryEpochs:
+  """Every epoch one compiled call: the splits sit on the devices, batches are gathered there.
+
+  Calling it runs epoch `epoch` for all seeds: `(states, epoch) -> (states, metrics)`
+  (`finish_epoch`'s dict, every leaf with a leading seed axis `[S]`).
+
+  Attributes:
+    sample_x: node -> `[2, C_in, L_in]`, rows of the first phase's first source.
+    traces: times the epoch program was traced (1: no recompiles).
+  """
+
+  def __init__(self, spec: EpochSpec, steps: Steps, fs: FeatureSet, mesh: Mesh):
+    self.spec, self.steps, self.mesh, self.traces = spec, steps, mesh, 0
+    used = [s for ph in spec.phases for s in ph.sources.values()] + [spec.eval_splits]
+    self.data = {split_key(s): device_split(concat_splits(fs, s), mesh) for s in used}
+    first = split_key(next(iter(spec.phases[0].sources.values())))
+    self.sample_x = jax.tree.map(lambda a: a[:2], self.data[first]["x"])
+    self.eval_plan = eval_batches(tuple(len(fs.splits[s]) for s in spec.eval_splits),
+                                  spec.eval_batch)
+    self._fn = jax.jit(jax.vmap(self._epoch, in_axes=(0, None, None), spmd_axis_name=SEED))
+
+  def _epoch(self, state: TrainState, data, epoch):
+    self.traces += 1
+    spec, mesh, acc = self.spec, self.mesh, {}
+    for ph, (rows, key) in zip(spec.phases, spec.plan(state.key, epoch)):
+      def fetch(j, ph=ph, rows=rows):
+        return {src: take_batch(data[split_key(s)], rows[src][j], mesh)
+                for src, s in ph.sources.items()}
+      state, ph_acc = fold_steps(ph.step, state, zero_acc(ph.groups), fetch, ph.num_steps, key)
+      acc.update(ph_acc)
+    held_out = data[split_key(spec.eval_splits)]
+    rows, masks, sids = (jnp.asarray(a) for a in self.eval_plan)
+
+    def fetch_eval(j):
+      return {**take_batch(held_out, rows[j], mesh), "mask": masks[j], "sid": sids[j]}
+    zero = eval_zero(self.steps, state, jax.eval_shape(fetch_eval, 0), len(spec.eval_splits))
+    sums = fold_eval(self.steps, state, zero, fetch_eval, rows.shape[0])
+    return state, finish_epoch(spec, self.steps, acc, sums)
+
+  def __call__(self, states: TrainState, epoch) -> tuple[TrainState, dict[str, Any]]:
+    return self._fn(states, self.data, epoch)
+
+
+class RowReader:
+  """Rows of splits concatenated in order, read on the host from a ShardSource."""
+
+  def __init__(self, source, splits: tuple[str, ...]):
+    self.source, self.splits = source, tuple(splits)
+    self.offsets = np.cumsum([0] + [source.split_sizes[s] for s in self.splits])
+    self.label_dtype = np.dtype(source.meta["label_dtype"])
+    self.names = tuple(source.node_names)
+
+  def __call__(self, rows: np.ndarray) -> dict[str, Any]:
+    """`{'x': {node: float32 [*rows.shape, C_in, L_in]}, 'y': [*rows.shape] or
+    [*rows.shape, K]}` (labels in the dtype they were written with); one
+    `ShardSource.read` per split the rows fall in."""
+    rows = np.asarray(rows)
+    flat = rows.reshape(-1)
+    part = np.searchsorted(self.offsets, flat, side="right") - 1
+    out = {}
+    for p, split in enumerate(self.splits):
+      pos = np.flatnonzero(part == p)
+      if not pos.size:
+        continue
+      keys = flat[pos] - self.offsets[p]
+      got = self.source.read(split, keys)
+      if not np.array_equal(got["index"], keys):
+        raise DataError(f"split {split!r} of {getattr(self.source, 'path', self.source)}: "
+                        f"records do not hold their own position in field 'index'")
+      for name in self.names + ("label",):
+        if name not in out:
+          out[name] = np.empty((flat.size,) + got[name].shape[1:], got[name].dtype)
+        out[name][pos] = got[name]
+    shaped = {k: v.reshape(rows.shape + v.shape[1:]) for k, v in out.items()}
+    return {"x": {n: shaped[n] for n in self.names},
+            "y": shaped["label"].astype(self.label_dtype, copy=False)}
+
+
+def pad_axis(tree, size: int, axis: int):
+  """Every leaf zero-padded along `axis` to `size` (padding of a phase's last block)."""
+  def pad(a):
+    missing = size - a.shape[axis]
+    if not missing:
+      return a
+    shape = a.shape[:axis] + (missing,) + a.shape[axis + 1:]
+    return np.concatenate([a, np.zeros(shape, a.dtype)], axis=axis)
+  return jax.tree.map(pad, tree)
+
+
+def prefetch(load: Callable, items: list, depth: int = 2) -> Iterator:
+  """`load(item)` of each item in order, computed up to `depth` items ahead on a thread."""
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bmnas-prefetch")
+  pending, submitted = collections.deque(), 0
+  try:
+    for _ in items:
+      while submitted < len(items) and len(pending) <= depth:
+        pending.append(pool.submit(load, items[submitted]))
+        submitted += 1
+      yield pending.popleft().result()
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+class StreamedEpochs:
+  """Every epoch a host loop over blocks of K batches read from shards; a compiled call per block.
+
+  The epoch's plan (the same `spec.plan` as in memory) gives each seed's batch
+  rows; the host reads a block of K consecutive batches of every seed
+  (`[S, K, B, ...]`, a thread reading ahead while the device computes), and the
+  phase's block program runs the steps under vmap (`fold_steps`, the one step
+  loop of both paths). A phase's last block is zero-padded to K and only its
+  first `n_valid` steps run (a loop bound passed as an argument), so every block
+  of a phase has one shape: each program is traced and compiled once. Evaluation
+  streams its padded, masked batches the same way (`[K, B, ...]`, shared by the
+  seeds). Only blocks in flight sit on the devices, `2 * depth + 1` at most: the
+  one being dispatched, up to `depth` read ahead, and up to `depth` dispatched
+  earlier but not finished.
+
+  Calling it runs epoch `epoch` for all seeds: `(states, epoch) -> (states, metrics)`
+  (`finish_epoch`'s dict, every leaf `[S]`). Host syncs: the plan's rows at the
+  start, one wait per block on the block `depth` earlier (bounding the blocks in
+  flight), and the metrics at the end.
+
+  Attributes:
+    sample_x: node -> `[2, C_in, L_in]`, rows of the first phase's first source.
+    traces: times the most traced of its programs was traced (1: no recompiles).
+  """
+
+  def __init__(self, spec: EpochSpec, steps: Steps, source, mesh: Mesh, block: int,
+               depth: int = 2):
+    self.spec, self.steps, self.mesh, self.depth = spec, steps, mesh, depth
+    used = [s for ph in spec.phases for s in ph.sources.values()] + [spec.eval_splits]
+    self.readers = {split_key(s): RowReader(source, s) for s in used}
+    self.blocks = tuple(min(block, ph.num_steps) for ph in spec.phases)
+    self.eval_plan = eval_batches(tuple(source.split_sizes[s] for s in spec.eval_splits),
+                                  spec.eval_batch)
+    self.eval_block = min(block, self.eval_plan[0].shape[0])
+    first = split_key(next(iter(spec.phases[0].sources.values())))
+    sample = self.readers[first](np.arange(min(2, self.readers[first].offsets[-1])))
+    self.sample_x = sample["x"]
+    eval_sample = {**sample, "mask": np.ones(sample["y"].shape[:1], bool)}
+    self._traces = collections.Counter()
+    vmap = functools.partial(jax.vmap, spmd_axis_name=SEED)
+
+    def start(state):
+      return ([zero_acc(ph.groups) for ph in spec.phases],
+              eval_zero(steps, state, eval_sample, len(spec.eval_splits)))
+
+    def finish(acc, sums):
+      return finish_epoch(spec, steps, {g: a for d in acc for g, a in d.items()}, sums)
+
+    self._plan = jax.jit(vmap(self._counted("plan", spec.plan), in_axes=(0, None)))
+    self._start = jax.jit(vmap(self._counted("start", start)))
+    self._phase = [jax.jit(vmap(self._counted(f"phase_{p}",
+                                              functools.partial(self._phase_block, p)),
+                                in_axes=(0, 0, 0, 0, None, None)))
+                   for p in range(len(spec.phases))]
+    self._eval = jax.jit(vmap(self._counted("eval", self._eval_block), in_axes=(0, 0, None, None)))
+    self._finish = jax.jit(vmap(self._counted("finish", finish)))
+
+  @property
+  def traces(self) -> int:
+    return max(self._traces.values(), default=0)
+
+  def _counted(self, name: str, fn: Callable) -> Callable:
+    def traced(*args):
+      self._traces[name] += 1
+      return fn(*args)
+    traced.__name__ = traced.__qualname__ = name        # names the program in compile logs
+    return traced
+
+  def _phase_block(self, p: int, state: TrainState, acc, block, key, start, n_valid):
+    """K steps of phase p from `block` (source -> `{'x', 'y'}` `[K, B, ...]`, one seed)."""
+    ph = self.spec.phases[p]
+
+    def fetch(j):
+      return {src: shard_batch(jax.tree.map(lambda a: a[j], block[src]), self.mesh)
+              for src in ph.sources}
+    return fold_steps(ph.step, state, acc, fetch, self.blocks[p], key, start, n_valid)
+
+  def _eval_block(self, state: TrainState, sums, block, n_valid):
+    """Evaluation of K batches (`{'x', 'y', 'mask'}` `[K, B, ...]`, `'sid'` `[K]`)."""
+    def fetch(j):
+      b = jax.tree.map(lambda a: a[j], block)
+      return {**shard_batch({"x": b["x"], "y": b["y"]}, self.mesh), "mask": b["mask"],
+              "sid": b["sid"]}
+    return fold_eval(self.steps, state, sums, fetch, self.eval_block, n_valid)
+
+  def _load(self, rows, item):
+    """The device block of `item` = (phase or None for evaluation, first batch)."""
+    p, first = item
+    if p is None:
+      k = self.eval_block
+      r, masks, sids = (a[first:first + k] for a in self.eval_plan)
+      b = pad_axis({**self.readers[split_key(self.spec.eval_splits)](r), "mask": masks}, k, 0)
+      return {**jax.device_put(b, NamedSharding(self.mesh, P(None, DATA))),
+              "sid": jax.device_put(pad_axis(sids, k, 0), NamedSharding(self.mesh, P()))}
+    ph, k = self.spec.phases[p], self.blocks[p]
+    b = {src: pad_axis(self.readers[split_key(s)](rows[p][src][:, first:first + k]), k, 1)
+         for src, s in ph.sources.items()}
+    return jax.device_put(b, NamedSharding(self.mesh, P(SEED, None, DATA)))
+
+  def __call__(self, states: TrainState, epoch) -> tuple[TrainState, dict[str, Any]]:
+    spec = self.spec
+    plans = self._plan(states.key, epoch)
+    rows = jax.device_get([r for r, _ in plans])               # per phase: source -> [S, n, B]
+    acc, sums = self._start(states)
+    nb_eval = self.eval_plan[0].shape[0]
+    items = [(p, i) for p, ph in enumerate(spec.phases)
+             for i in range(0, ph.num_steps, self.blocks[p])]
+    items += [(None, i) for i in range(0, nb_eval, self.eval_block)]
+    in_flight = collections.deque()
+    with contextlib.closing(prefetch(functools.partial(self._load, rows), items,
+                                     self.depth)) as blocks:
+      for (p, i), block in zip(items, blocks):
+        if p is None:
+          sums = self._eval(states, sums, block, np.int32(min(self.eval_block, nb_eval - i)))
+          in_flight.append(sums)
+        else:
+          n_valid = np.int32(min(self.blocks[p], spec.phases[p].num_steps - i))
+          states, acc[p] = self._phase[p](states, acc[p], block, plans[p][1], np.int32(i),
+                                          n_valid)
+          in_flight.append(acc[p])
+        if len(in_flight) > self.depth:
+          jax.block_until_ready(in_flight.popleft())
+    return states, self._finish(acc, sums)
+
+
+def make_epochs(spec: EpochSpec, steps: Steps, data, mesh: Mesh,
+                stream_block: int) -> InMemoryEpochs | StreamedEpochs:
+  """The epoch runner of `data`: in memory for a FeatureSet, streamed for a ShardSource."""
+  if isinstance(data, FeatureSet):
+    return InMemoryEpochs(spec, steps, data, mesh)
+  return StreamedEpochs(spec, steps, data, mesh, stream_block)
 
 
 def describe_bad(phase: str, epoch: int, seeds: list[int], bad_step: np.ndarray,
@@ -187,7 +573,8 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
     fingerprint: the config parts that must match to resume.
     states: freshly initialised (seed-batched) states; replaced by the checkpoint
       when one exists.
-    epoch_fn: `(states, epoch) -> (states, device metrics)`, one compiled call.
+    epoch_fn: `(states, epoch) -> (states, device metrics)` (`make_epochs`): one
+      compiled call in memory, a compiled call per block when streamed.
     on_epoch: `(epoch, states, host metrics, seconds, extra) -> record` (may update extra).
     write_outputs: `(history, extra) -> None`, writes the stage's files (atomically);
       also called after a resume, so the files always match the checkpoint.
@@ -203,8 +590,8 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
       if meta["fingerprint"] != fingerprint:
         changed = sorted(k for k in set(fingerprint) | set(meta["fingerprint"])
                          if fingerprint.get(k) != meta["fingerprint"].get(k))
-        raise ValueError(f"{stage_dir} holds a checkpoint of a different config (keys "
-                         f"{changed} differ); use a new --workdir or the same config")
+        raise ConfigError(f"{stage_dir} holds a checkpoint of a different config (keys "
+                          f"{changed} differ); use a new --workdir or the same config")
       states = ckpt.restore_state(latest, states)
       history, extra, start = meta["history"], meta["extra"], latest + 1
       write_outputs(history, extra)

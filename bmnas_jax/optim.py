@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bmnas_jax.errors import ConfigError
+
 # The release restarts a cycle once the rate is within this of eta_min.
 RESTART_TOLERANCE = 1e-10
 
@@ -138,7 +140,7 @@ def torch_adam_l2(learning_rate: Union[float, optax.Schedule], b1: float = 0.9,
 
 def _check_positive_int(key: str, value: Any) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+    raise ConfigError(f"{key} must be an int >= 1, got {value!r}")
   return int(value)
 
 
@@ -149,18 +151,18 @@ def _number(opt_cfg: Any, key: str, where: str, defaults: dict[str, float]) -> f
   elif key in defaults:
     value = defaults[key]
   else:
-    raise ValueError(f"{where}: config key '{key}' is missing")
+    raise ConfigError(f"{where}: config key '{key}' is missing")
   if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-    raise ValueError(f"{where}: config key '{key}' must be a number, got {value!r}")
+    raise ConfigError(f"{where}: config key '{key}' must be a number, got {value!r}")
   value = float(value)
   if not math.isfinite(value):
-    raise ValueError(f"{where}: config key '{key}' must be finite, got {value!r}")
+    raise ConfigError(f"{where}: config key '{key}' must be finite, got {value!r}")
   return value
 
 
 def _require(ok: bool, where: str, key: str, rule: str, value: float) -> None:
   if not ok:
-    raise ValueError(f"{where}: config key '{key}' must be {rule}, got {value!r}")
+    raise ConfigError(f"{where}: config key '{key}' must be {rule}, got {value!r}")
 
 
 def _betas(opt_cfg: Any, where: str, defaults: dict[str, float]) -> tuple[float, float]:

@@ -9,20 +9,20 @@ from absl import logging
 
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax.ablate import run_ablations
-from bmnas_jax.data.datasets import load_features
+from bmnas_jax.errors import ConfigError, DataError
 from bmnas_jax.evaluate import run_evaluate
 from bmnas_jax.report.report import write_report
 from bmnas_jax.search import run_search
 
-STAGES = ("search", "evaluate", "ablate", "report")
+STAGES = ("prepare", "search", "evaluate", "ablate", "report")
 
 
 def parse_stages(spec: str) -> tuple[str, ...]:
   stages = tuple(s.strip() for s in spec.split(",") if s.strip())
   unknown = [s for s in stages if s not in STAGES]
   if unknown or not stages:
-    raise ValueError(f"config.stages={spec!r}: unknown stage(s) {unknown}; valid: "
-                     f"{', '.join(STAGES)}")
+    raise ConfigError(f"config.stages={spec!r}: unknown stage(s) {unknown}; valid: "
+                      f"{', '.join(STAGES)}")
   return stages
 
 
@@ -31,8 +31,14 @@ def run(config, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   stages = parse_stages(config.stages)
   os.makedirs(workdir, exist_ok=True)
-  fs = load_features(config, workdir) if set(stages) - {"report"} else None
   results = {}
+  if "prepare" in stages:
+    from bmnas_jax.data.prepare import run_prepare    # TFDS, orbax, scikit-learn: on demand
+    results["prepare"] = run_prepare(config, workdir)
+  fs = None
+  if set(stages) & {"search", "evaluate", "ablate"}:
+    from bmnas_jax.data.prepare import load_features
+    fs = load_features(config, workdir)
   if "search" in stages:
     results["search"] = run_search(config, fs, workdir)
     logging.info("search: best genotype %s", results["search"].genotype.to_json())
@@ -40,8 +46,8 @@ def run(config, workdir: str) -> dict:
                                                                    "best_genotype.json")
   if "evaluate" in stages or "ablate" in stages:
     if not os.path.exists(searched_path):
-      raise FileNotFoundError(f"{searched_path}: no genotype to evaluate (run the search "
-                              f"stage or set config.evaluate.genotype)")
+      raise DataError(f"{searched_path}: no genotype to evaluate (run the search "
+                      f"stage or set config.evaluate.genotype)")
     searched = genotype_lib.load(searched_path)
   if "evaluate" in stages:
     results["evaluate"] = run_evaluate(config, fs, searched, workdir)
@@ -58,6 +64,6 @@ def run(config, workdir: str) -> dict:
 
 def _read_json(path: str) -> dict:
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: missing (run the evaluate stage first)")
+    raise DataError(f"{path}: missing (run the evaluate stage first)")
   with open(path) as f:
     return json.load(f)

@@ -6,7 +6,7 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +17,15 @@ from bmnas_jax import loop, optim
 from bmnas_jax.checkpoint import write_json_atomic, write_jsonl_atomic
 from bmnas_jax.data.feature_set import FeatureSet, nodes_from_config
 from bmnas_jax.search_space import hypernet_from_config
-from bmnas_jax.steps import Steps, TrainState
+from bmnas_jax.steps import Steps
+from bmnas_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+  from bmnas_jax.data.shards import ShardSource
 
 ALTERNATIONS = ("epoch", "step")
+# config.data keys that choose how the data reach the devices, not the results.
+DATA_ACCESS_KEYS = ("in_memory", "stream_block")
 
 
 @dataclasses.dataclass
@@ -32,32 +38,33 @@ class SearchResult:
   genotype: genotype_lib.Genotype
   seconds: float
   history: list[dict]
-  epoch_traces: int          # times the epoch program was traced (1: no recompiles)
+  epoch_traces: int          # traces of the epoch program (streamed: of the most traced
+                             # block program); 1: no recompiles
 
 
-def check_data_against_config(config, fs: FeatureSet) -> None:
-  """The config's node list, shapes and classes must describe the feature set."""
+def check_data_against_config(config, fs: FeatureSet | ShardSource) -> None:
+  """The config's node list, shapes and classes must describe the features."""
   want = nodes_from_config(config.data)
   have = fs.nodes
   if tuple(n.name for n in want) != tuple(n.name for n in have):
-    raise ValueError(f"config.data describes nodes {[n.name for n in want]} but the features "
-                     f"have {[n.name for n in have]}")
+    raise ConfigError(f"config.data describes nodes {[n.name for n in want]} but the features "
+                      f"have {[n.name for n in have]}")
   for w, h in zip(want, have):
     if (w.channels, w.length) != (h.channels, h.length):
-      raise ValueError(f"config.data.channels/length: node {w.name} is "
-                       f"[C_in={w.channels}, L_in={w.length}] in the config but "
-                       f"[{h.channels}, {h.length}] in the features")
+      raise ConfigError(f"config.data.channels/length: node {w.name} is "
+                        f"[C_in={w.channels}, L_in={w.length}] in the config but "
+                        f"[{h.channels}, {h.length}] in the features")
   if config.model.num_classes != fs.num_classes:
-    raise ValueError(f"config.model.num_classes={config.model.num_classes} but the features "
-                     f"have {fs.num_classes} classes")
+    raise ConfigError(f"config.model.num_classes={config.model.num_classes} but the features "
+                      f"have {fs.num_classes} classes")
   if config.data.label_kind != fs.label_kind:
-    raise ValueError(f"config.data.label_kind={config.data.label_kind!r} but the features "
-                     f"are {fs.label_kind!r}")
+    raise ConfigError(f"config.data.label_kind={config.data.label_kind!r} but the features "
+                      f"are {fs.label_kind!r}")
 
 
 def seed_list(config) -> list[int]:
   if not isinstance(config.seeds, int) or config.seeds < 1:
-    raise ValueError(f"config.seeds={config.seeds!r} must be a positive int")
+    raise ConfigError(f"config.seeds={config.seeds!r} must be a positive int")
   return [int(config.seed) + i for i in range(config.seeds)]
 
 
@@ -101,73 +108,78 @@ def fingerprint(config) -> dict:
            "seeds": c.seeds, "search_batch": c.search.batch_size,
            "alternation": c.search.alternation, "weight_opt": c.search.weight_opt,
            "arch_opt": c.search.arch_opt, "metric": c.metric}
-  return {k: json.loads(v.to_json()) if hasattr(v, "to_json") else v for k, v in parts.items()}
+  fp = {k: json.loads(v.to_json()) if hasattr(v, "to_json") else v for k, v in parts.items()}
+  fp["data"] = {k: v for k, v in fp["data"].items() if k not in DATA_ACCESS_KEYS}
+  return fp
 
 
-def run_search(config, fs: FeatureSet, workdir: str) -> SearchResult:
+def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResult:
   """Searches `config.seeds` seeds together; writes `workdir/search/...`.
 
-  Files: `metrics.jsonl` (a line per epoch, per-seed lists), `genotypes/epoch_NNN.json`
-  (`epoch_NNN_seed_K.json` with several seeds), `best_genotype.json` (best val over
-  seeds; per seed `best_genotype_seed_K.json` with several seeds), `arch_history.json`
-  (softmax of alpha/beta/gamma per epoch and seed) and `summary.json`.
+  `fs` is a FeatureSet (splits held on the devices) or a `shards.ShardSource`
+  (streamed in blocks of `config.data.stream_block` batches); both give the same
+  results. Files: `metrics.jsonl` (a line per epoch, per-seed lists),
+  `genotypes/epoch_NNN.json` (`epoch_NNN_seed_K.json` with several seeds),
+  `best_genotype.json` (best val over seeds; per seed `best_genotype_seed_K.json`
+  with several seeds), `arch_history.json` (softmax of alpha/beta/gamma per epoch
+  and seed) and `summary.json`.
   """
-  fs.validate("features")
+  loop.check_data(fs)
   check_data_against_config(config, fs)
   sc = config.search
   if sc.alternation not in ALTERNATIONS:
-    raise ValueError(f"config.search.alternation={sc.alternation!r}; valid: "
-                     f"{', '.join(ALTERNATIONS)}")
+    raise ConfigError(f"config.search.alternation={sc.alternation!r}; valid: "
+                      f"{', '.join(ALTERNATIONS)}")
   if not isinstance(sc.epochs, int) or sc.epochs < 1:
-    raise ValueError(f"config.search.epochs={sc.epochs!r} must be a positive int")
+    raise ConfigError(f"config.search.epochs={sc.epochs!r} must be a positive int")
   seeds = seed_list(config)
   mesh = loop.mesh_from_config(config)
   loop.check_batch_divides(sc.batch_size, mesh, "config.search.batch_size")
+  block = loop.stream_block(config)
   nodes = fs.nodes
   names = [n.name for n in nodes]
   model = hypernet_from_config(config, nodes)
-  n_train, n_val = len(fs.splits["train"]), len(fs.splits["val"])
+  n_train = loop.rows_of(fs, ("train",), "the search")
+  n_val = loop.rows_of(fs, ("val",), "the search")
   batch = sc.batch_size
   nb_train = loop.num_batches(n_train, batch, "config.search.batch_size")
   nb_val = loop.num_batches(n_val, batch, "config.search.batch_size")
   w_tx = optim.weight_optimizer(sc.weight_opt, n_train / batch, sc.epochs * nb_train)
   a_tx = optim.arch_optimizer(sc.arch_opt)
   steps = Steps(model, fs.label_kind, w_tx, a_tx, config.metric.name, config.metric.threshold)
-  train = loop.device_split(fs.splits["train"], mesh)
-  val = loop.device_split(fs.splits["val"], mesh)
-  sample = jax.tree.map(lambda a: a[:2], train["x"])
 
-  traces = [0]
-
-  def epoch_one(state: TrainState, train, val, epoch):
-    traces[0] += 1
-    k = jax.random.fold_in(state.key, epoch)
-    k_perm_t, k_perm_v, k_w, k_a = jax.random.split(k, 4)
+  def plan(key, epoch):
+    k_perm_t, k_perm_v, k_w, k_a = jax.random.split(jax.random.fold_in(key, epoch), 4)
     idx_t = loop.shuffled_batches(k_perm_t, n_train, batch, nb_train)
     idx_v = loop.shuffled_batches(k_perm_v, n_val, batch, nb_val)
-    if sc.alternation == "epoch":       # the release: an epoch of w steps, then of arch steps
-      state, wm = loop.scan_steps(steps.weight_step, state, train, idx_t, k_w, mesh)
-      state, am = loop.scan_steps(steps.arch_step, state, val, idx_v, k_a, mesh)
-    else:                               # DARTS: alternate every batch
-      state, wm, am = alternate_steps(steps, state, {"train": train, "val": val}, idx_t,
-                                       idx_v, k_w, mesh)
-    (ev,) = loop.evaluate_splits(steps, state, val, (n_val,), batch, mesh)
-    return state, {"train_loss": wm["loss"], "arch_loss": am["loss"], "val_loss": ev["loss"],
-                   "val_metric": ev["metric"], "w_bad_step": wm["bad_step"],
-                   "w_bad_code": wm["bad_code"], "a_bad_step": am["bad_step"],
-                   "a_bad_code": am["bad_code"]}
+    if sc.alternation == "epoch":
+      return ({"train": idx_t}, k_w), ({"val": idx_v}, k_a)
+    return (({"train": idx_t, "val": idx_v[jnp.arange(nb_train) % nb_val]}, k_w),)
+
+  if sc.alternation == "epoch":       # the release: an epoch of w steps, then of arch steps
+    phases = (loop.Phase(loop.grouped("w", steps.weight_step, "train"), {"train": ("train",)},
+                         nb_train, ("w",)),
+              loop.Phase(loop.grouped("a", steps.arch_step, "val"), {"val": ("val",)},
+                         nb_val, ("a",)))
+  else:                               # DARTS: alternate every batch
+    phases = (loop.Phase(alternation_step(steps), {"train": ("train",), "val": ("val",)},
+                         nb_train, ("w", "a")),)
+  epochs = loop.make_epochs(loop.EpochSpec(phases, plan, ("val",), batch), steps, fs, mesh,
+                            block)
 
   with jax.set_mesh(mesh):
     keys = loop.shard_seeds(seed_keys(seeds, 0), mesh)
-    states = jax.jit(jax.vmap(lambda k: steps.init_state(k, sample)))(keys)
-    epoch_vmapped = jax.jit(jax.vmap(epoch_one, in_axes=(0, None, None, None),
-                                     spmd_axis_name=loop.SEED))
+    states = jax.jit(jax.vmap(lambda k: steps.init_state(k, epochs.sample_x)))(keys)
     stage_dir = os.path.join(workdir, "search")
     multi = len(seeds) > 1
 
     def on_epoch(epoch, states, m, seconds, extra):
-      loop.describe_bad("search weight step", epoch, seeds, m["w_bad_step"], m["w_bad_code"])
-      loop.describe_bad("search arch step", epoch, seeds, m["a_bad_step"], m["a_bad_code"])
+      loop.describe_bad("search weight step", epoch, seeds, m["w"]["bad_step"],
+                        m["w"]["bad_code"])
+      loop.describe_bad("search arch step", epoch, seeds, m["a"]["bad_step"], m["a"]["bad_code"])
+      (ev,) = m["eval"]
+      m = {"train_loss": m["w"]["loss"], "arch_loss": m["a"]["loss"], "val_loss": ev["loss"],
+           "val_metric": ev["metric"]}
       for name in ("train_loss", "arch_loss", "val_loss"):
         if not np.all(np.isfinite(m[name])):
           raise FloatingPointError(f"divergence at epoch {epoch}: non-finite {name}")
@@ -220,28 +232,22 @@ def run_search(config, fs: FeatureSet, workdir: str) -> SearchResult:
     extra0 = {"best_val_metric": [-np.inf] * len(seeds), "best_epoch": [-1] * len(seeds),
               "best_genotype": [None] * len(seeds)}
     states, history, extra = loop.run_epochs(
-        stage_dir, fingerprint(config), states,
-        lambda st, e: epoch_vmapped(st, train, val, e), sc.epochs, on_epoch, write_outputs,
+        stage_dir, fingerprint(config), states, epochs, sc.epochs, on_epoch, write_outputs,
         "search", extra0)
   best = [genotype_lib.from_json_dict(g) for g in extra["best_genotype"]]
   chosen = int(np.argmax(extra["best_val_metric"]))
   return SearchResult(seeds, best, list(extra["best_val_metric"]), list(extra["best_epoch"]),
-                      best[chosen], sum(r["seconds"] for r in history), history, traces[0])
+                      best[chosen], sum(r["seconds"] for r in history), history, epochs.traces)
 
 
-def alternate_steps(steps: Steps, state, data, idx_t, idx_v, key, mesh):
-  """DARTS alternation: per train batch one weight step, then one arch step on a val batch."""
-  nb_train, nb_val = idx_t.shape[0], idx_v.shape[0]
+def alternation_step(steps: Steps):
+  """The DARTS step pair as one phase step: a weight step on `batch['train']` with
+  `key`, then an arch step on `batch['val']` with `fold_in(key, 1)`.
 
-  def body(st, i):
-    k = jax.random.fold_in(key, i)
-    st, w = steps.weight_step(st, loop.take_batch(data["train"], idx_t[i], mesh), k)
-    st, a = steps.arch_step(st, loop.take_batch(data["val"], idx_v[i % nb_val], mesh),
-                            jax.random.fold_in(k, 1))
-    return st, (w, a)
-
-  state, (w, a) = jax.lax.scan(body, state, jnp.arange(nb_train))
-  ws, wc = loop.first_bad(w["bad"])
-  as_, ac = loop.first_bad(a["bad"])
-  return (state, {"loss": w["loss"].mean(), "bad_step": ws, "bad_code": wc},
-          {"loss": a["loss"].mean(), "bad_step": as_, "bad_code": ac})
+  Returns `(state, batch, key) -> (state, {'w': out, 'a': out})`.
+  """
+  def step(state, batch, key):
+    state, w = steps.weight_step(state, batch["train"], key)
+    state, a = steps.arch_step(state, batch["val"], jax.random.fold_in(key, 1))
+    return state, {"w": w, "a": a}
+  return step

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from bmnas_jax import layers, ops
 from bmnas_jax.data.feature_set import NodeSpec
 from bmnas_jax.reshape import ReshapeInput
+from bmnas_jax.errors import ConfigError
 
 ARCH_INIT_SCALE = 1e-3
 
@@ -125,12 +126,12 @@ def check_model_config(config, nodes: Sequence[NodeSpec]) -> None:
   """Raises ValueError naming the `config.model` key that is out of range."""
   model_cfg = config.model
   if config.get("fidelity") not in ops.FIDELITIES:
-    raise ValueError(f"config.fidelity={config.get('fidelity')!r}: must be one of "
-                     f"{', '.join(ops.FIDELITIES)}")
+    raise ConfigError(f"config.fidelity={config.get('fidelity')!r}: must be one of "
+                      f"{', '.join(ops.FIDELITIES)}")
 
   def need(key, ok, what):
     if not ok:
-      raise ValueError(f"config.model.{key}={model_cfg.get(key)!r}: {what}")
+      raise ConfigError(f"config.model.{key}={model_cfg.get(key)!r}: {what}")
   for key in ("C", "L", "num_cells", "multiplier", "steps", "node_multiplier", "num_classes"):
     need(key, isinstance(model_cfg.get(key), int) and model_cfg.get(key) > 0,
          "must be a positive int")

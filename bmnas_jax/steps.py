@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from bmnas_jax import metrics
+from bmnas_jax.errors import ConfigError
 
 METRICS = ("accuracy", "f1_weighted", "f1_macro", "f1_micro")
 
@@ -85,11 +86,11 @@ class Steps:
                a_tx: optax.GradientTransformation | None = None, metric: str = "accuracy",
                threshold: float = 0.3):
     if metric not in METRICS:
-      raise ValueError(f"config.metric.name={metric!r}; valid: {', '.join(METRICS)}")
+      raise ConfigError(f"config.metric.name={metric!r}; valid: {', '.join(METRICS)}")
     if label_kind == "single" and metric != "accuracy":
-      raise ValueError(f"config.metric.name={metric!r} needs multi-label data; use 'accuracy'")
+      raise ConfigError(f"config.metric.name={metric!r} needs multi-label data; use 'accuracy'")
     if label_kind == "multi" and metric == "accuracy":
-      raise ValueError("config.metric.name='accuracy' needs single-label data; use f1_*")
+      raise ConfigError("config.metric.name='accuracy' needs single-label data; use f1_*")
     self.model, self.label_kind = model, label_kind
     self.loss = loss_fn(label_kind)
     self.w_tx, self.a_tx = w_tx, a_tx

@@ -7,10 +7,11 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from bmnas_jax import loop, pipeline
+from experiments import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mfeat.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.",
@@ -26,9 +27,7 @@ def main(argv):
   loop.maybe_initialize_distributed(config)
   try:
     results = pipeline.run(config, _WORKDIR.value)
-  except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
-    # Bad input or divergence: one clear line naming the file/key/step, exit status 1.
-    # (Shard, backbone and genotype errors are ValueErrors.)
+  except FloatingPointError as e:        # divergence: the message names epoch, step, seed
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     sys.exit(1)
   if "evaluate" in results:
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

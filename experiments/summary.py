@@ -6,11 +6,12 @@
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax.summary import describe
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -25,4 +26,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -12,7 +12,7 @@ from experiments.configs import mfeat
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   c = mfeat.get_config()
-  assert c.stages == "search,evaluate,ablate,report"
+  assert c.stages == "prepare,search,evaluate,ablate,report"
   c.devices, c.seeds = 1, 2
   for b in (c.backbones.Image, c.backbones.Shape):
     b.epochs = 1
@@ -34,7 +34,8 @@ def test_default_pipeline_tiny(tiny_run):
     with open(tmp_path / "report" / f"{name}.csv") as f:
       assert len(list(csv.reader(f))) >= 2
   assert os.path.getsize(tmp_path / "report" / "genotype.png") > 10_000
-  for f in ("backbones/unimodal.json", "search/best_genotype.json", "ablate/results.json"):
+  for f in ("backbones/unimodal.json", "features/prepare.json", "search/best_genotype.json",
+            "ablate/results.json"):
     assert (tmp_path / f).exists()
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from bmnas_jax import genotype as G
 from bmnas_jax import ops
 from bmnas_jax.report import plots, report, tables
+from bmnas_jax.errors import DataError
 from bmnas_jax.summary import describe
 from experiments.configs import planted
 
@@ -122,7 +123,14 @@ def write_optional(wd):
             "test_accuracy": 0.5432, "best_epoch": 3, "epochs": 5, "train_seconds": 12.0},
       "B": {"backbone": "cnn_b", "checkpoint_id": "def", "val_accuracy": 0.51,
             "test_accuracy": 0.4987, "best_epoch": 4, "epochs": 5, "train_seconds": 24.0}})
-  write_json(os.path.join(wd, "features", "extraction.json"), {"extraction_seconds": 36.0})
+  write_json(os.path.join(wd, "features", "prepare.json"), {
+      "extraction_seconds": 36.0,
+      "probes": [{"node": "A_1", "modality": "A", "tap": "conv1", "pool": "grid", "C_in": 8,
+                  "L_in": 4, "metric": "accuracy", "probe_val": 0.4321, "backbone_val": 0.55,
+                  "kept": 0.4321 / 0.55, "train_examples": 100},
+                 {"node": "B_3", "modality": "B", "tap": "f3", "pool": "first", "C_in": 8,
+                  "L_in": 4, "metric": "accuracy", "probe_val": 0.25, "backbone_val": None,
+                  "kept": None, "train_examples": 100}]})
   searched = {"name": "searched", "test": summary(0.6292, 0.0003), "genotypes": [GENOTYPE]}
   trials = [{"table": "feature_selection", "name": f"random_{t + 1}",
              "test": summary(0.57 + 0.005 * t, 0.002), "genotypes": [GENOTYPE]}
@@ -190,6 +198,9 @@ def test_report_tables_filled(full_run):
       "| Searched (BM-NAS) | planted | 62.92 ± 0.03 | 1 |",
       "| Sum | DARTS (ICLR19) | planted | 60.11 ± 0.10 |", "| AoA | AoANet (ICCV19) |",
       "| Searched | BM-NAS | planted | 62.92 ± 0.03 |",
+      # linear probes: probe, backbone, kept share
+      "| A_1 | conv1 | grid | 8 x 4 | 43.21 | 55.00 | 79% |",
+      "| B_3 | f3 | first | 8 x 4 | 25.00 |",
       # seeds and agreement
       "| 1 | 64.56 | 2 | yes |", "(A_2, B_3) ×2", "Sum/ConcatFC ×2",
       # genotype as JSON
@@ -208,8 +219,8 @@ def test_report_tables_filled(full_run):
 
 def test_csvs_parse_and_match_markdown(full_run):
   wd, _, md = full_run
-  names = {"results", "params", "search_cost", "feature_selection", "fusion", "search_seeds",
-           "agreement"}
+  names = {"results", "probes", "params", "search_cost", "feature_selection", "fusion",
+           "search_seeds", "agreement"}
   found = {f[:-4] for f in os.listdir(os.path.join(wd, "report")) if f.endswith(".csv")}
   assert found == names
   for name in names:
@@ -245,7 +256,7 @@ def test_missing_optional_inputs_give_notes(tmp_path):
   write_required(wd)
   md = open(report.write_report(config(), wd)).read()
   for note in ("backbones/unimodal.json is absent", "late_fusion/metrics.json is absent",
-               "no features/ metadata", "ablate/results.json is absent",
+               "features/prepare.json is absent", "ablate/results.json is absent",
                "search/arch_history.json is absent", "evaluate/metrics.jsonl is absent"):
     assert note in md, note
   assert "| BM-NAS (searched), final epoch | A + B | 62.92 ± 0.03 |" in md
@@ -260,7 +271,7 @@ def test_missing_optional_inputs_give_notes(tmp_path):
   assert "77.77" in open(os.path.join(wd, "report", "results.csv")).read()
   assert not [d for d in os.listdir(wd) if d.startswith(".report-")]
   os.remove(os.path.join(wd, "evaluate", "metrics.json"))
-  with pytest.raises(FileNotFoundError, match="evaluate/metrics.json"):
+  with pytest.raises(DataError, match="evaluate/metrics.json"):
     report.write_report(config(), wd)
 
 

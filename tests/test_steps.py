@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bmnas_jax import loop, optim
-from bmnas_jax.data.datasets import load_features
+from bmnas_jax.data.planted import planted_features
 from bmnas_jax.search import run_search
 from bmnas_jax.search_space import hypernet_from_config
 from bmnas_jax.steps import Steps, TrainState
@@ -16,7 +16,7 @@ from tests.conftest import planted_config
 @pytest.fixture(scope="module")
 def setup():
   c = planted_config()
-  fs = load_features(c, "")
+  fs = planted_features(c)
   model = hypernet_from_config(c, fs.nodes)
   steps = Steps(model, "single", optim.torch_adam_l2(1e-2, weight_decay=1e-4),
                 optim.arch_optimizer(c.search.arch_opt))
@@ -68,7 +68,7 @@ def test_nan_guard_names_the_quantity(setup):
 
 def test_search_stops_on_a_poisoned_batch(tmp_path):
   c = planted_config(**{"search.epochs": 2, "seeds": 1})
-  fs = load_features(c, "")
+  fs = planted_features(c)
   fs.splits["train"].features["B_2"][5, 1, 1] = np.inf       # every epoch reaches row 5
   fs.validate = lambda where="": None                        # bypass the input check
   with pytest.raises(FloatingPointError, match=r"search weight step at epoch 0, step \d+ "

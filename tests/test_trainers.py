@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bmnas_jax import checkpoint, pipeline
-from bmnas_jax.data.datasets import load_features
+from bmnas_jax.data.planted import planted_features
 from bmnas_jax.search import run_search
 from tests.conftest import planted_config
 
@@ -145,7 +145,7 @@ def test_devices_agree(reference, tmp_path, devices, seed_shards):
   c = c.copy_and_resolve_references()
   c.devices, c.seed_shards = devices, seed_shards
   one = res["search"]
-  many = run_search(c, load_features(c, ""), str(tmp_path))
+  many = run_search(c, planted_features(c), str(tmp_path))
   assert [g.to_json() for g in one.best_genotypes] == [g.to_json() for g in many.best_genotypes]
   for key in ("train_loss", "arch_loss", "val_loss", "val_metric"):
     np.testing.assert_allclose(one.history[-1][key], many.history[-1][key], rtol=2e-4,
@@ -161,7 +161,7 @@ def test_resume_refuses_a_different_config(reference, tmp_path):
   c = c.copy_and_resolve_references()
   c.model.C = 16
   with pytest.raises(ValueError, match=r"different config \(keys \['model'\] differ\)"):
-    run_search(c, load_features(c, ""), str(tmp_path / "run"))
+    run_search(c, planted_features(c), str(tmp_path / "run"))
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -175,7 +175,8 @@ def test_config_errors_name_the_key(tmp_path):
   with pytest.raises(ValueError, match=r"config.stages='search,train'"):
     pipeline.run(c, str(tmp_path))
   c = planted_config(**{"model.num_classes": 5})
-  with pytest.raises(ValueError, match=r"config.model.num_classes=5 but the features have 4"):
+  with pytest.raises(ValueError,
+                     match=r"config.model.num_classes=5 but config.data.source=.planted. has 4"):
     pipeline.run(c, str(tmp_path))
 
 
@@ -183,7 +184,8 @@ def test_late_fusion_and_ablations(reference, tmp_path):
   c, ref_dir, res = reference
   c = c.copy_and_resolve_references()
   c.evaluate.epochs, c.ablate.random_trials, c.evaluate.late_fusion = 1, 1, True
-  shutil.copytree(os.path.join(ref_dir, "search"), tmp_path / "search")
+  for stage in ("search", "features"):
+    shutil.copytree(os.path.join(ref_dir, stage), tmp_path / stage)
   c.stages = "evaluate,ablate"
   out = pipeline.run(c, str(tmp_path))
   assert out["late_fusion"]["genotype"]["cells"][0]["inputs"] == [2, 5]    # A_3, B_3

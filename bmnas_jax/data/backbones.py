@@ -1,8 +1,15 @@
-"""Unimodal backbones: Flax models with tapped layers, their training, orbax export and restore."""
+"""Unimodal backbones: the registry, training on the train split, orbax export and restore.
+
+A backbone is a Flax module called as `module.apply(variables, x, train=False)`
+that returns `(logits [n, K] or None, {tap name: [n, ..., C]})`: its own
+prediction (None for a backbone without a classifier) and the named
+intermediate outputs, channels last, that the prepare stage pools into input
+nodes. `config.backbones.<Modality>.name` is a key of `BACKBONES` or an import
+path `package.module:Class`; its constructor takes `config.backbones.<Modality>.kwargs`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -20,45 +27,47 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from bmnas_jax import metrics as metrics_lib
 from bmnas_jax.checkpoint import swap_dir_into_place
+from bmnas_jax.data.source import InputSpec, resolve
+from bmnas_jax.errors import ConfigError, DataError
+from bmnas_jax.steps import loss_fn
 
-FORMAT = "bmnas-backbone/1"
-PARAMS_DIRNAME = "params"
+FORMAT = "bmnas-backbone/2"
+VARIABLES_DIRNAME = "variables"
 META_FILENAME = "meta.json"
-# Backbones with `unroll_epochs = True` (convolutional ones) unroll the scan over an
-# epoch's batches when it has at most this many: XLA:CPU runs convolutions inside a
-# loop body several times slower than unrolled (about 4x at the default optimization
-# level, 30-60x at level 0). Dense-only backbones keep the loop (it compiles faster).
-UNROLL_MAX_BATCHES = 32
-_META_KEYS = ("format", "name", "config", "input_shape", "num_classes", "taps", "content_id")
+# Training steps per compiled call. XLA:CPU runs convolution gradients inside a
+# while loop (`lax.scan`) many times slower than the same steps unrolled, so an
+# epoch is a host loop over calls of this many unrolled steps (the last call's
+# surplus steps are masked no-ops): one compiled shape whatever the epoch length.
+STEPS_PER_CALL = 4
+_META_KEYS = ("format", "backbone", "kwargs", "input", "taps", "content_id")
 
 
-class BackboneError(ValueError):
+class BackboneError(DataError):
   """A backbone export is missing, unreadable or inconsistent (the message names the path)."""
 
 
+# ------------------------------------------------------------------ modules
+
 class DigitCNN(nn.Module):
-  """A small CNN for one-channel digit images.
+  """A small CNN for one-channel images.
 
   conv 3x3 (`features[0]`) -> ReLU -> max-pool 2 -> conv 3x3 (`features[1]`) ->
-  ReLU -> max-pool 2 -> flatten -> dense to classes. Convs use SAME
-  padding, pools VALID (a 16x15 image gives 8x7, then 4x3).
+  ReLU -> max-pool 2 -> flatten -> dense to classes. Convs use SAME padding,
+  pools VALID (a 16x15 image gives 8x7, then 4x3).
 
   Taps: `conv1`, `conv2`, the outputs of the two conv blocks (after pooling),
   float32 `[n, H, W, C]`.
   """
   num_classes: int = 10
   features: tuple[int, ...] = (16, 32)
-  input_shape: tuple[int, ...] = (1, 16, 15)
-  unroll_epochs = True              # see UNROLL_MAX_BATCHES (a class attribute, not a field)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Args: x: float32 `[n, C_img, H, W]` (NCHW). Returns: logits `[n, classes]`, taps."""
-    if x.shape[1:] != tuple(self.input_shape):
-      raise ValueError(f"digit_cnn: input has shape {x.shape}, expected [n, "
-                       f"{', '.join(map(str, self.input_shape))}]")
-    h = jnp.transpose(x, (0, 2, 3, 1))
+  def __call__(self, x: jax.Array, train: bool = False):
+    """Args: x: `[n, C_img, H, W]` (NCHW). Returns: logits `[n, classes]`, taps."""
+    del train
+    h = jnp.transpose(jnp.asarray(x, jnp.float32), (0, 2, 3, 1))
     taps = {}
     for k, width in enumerate(self.features):
       h = nn.Conv(width, (3, 3), padding="SAME", name=f"conv{k + 1}")(h)
@@ -69,7 +78,7 @@ class DigitCNN(nn.Module):
 
 
 class ShapeMLP(nn.Module):
-  """An MLP for a vector of shape descriptors.
+  """An MLP for a feature vector.
 
   dense (`hidden[0]`) -> ReLU -> dense (`hidden[1]`) -> ReLU -> dense to classes.
 
@@ -77,16 +86,12 @@ class ShapeMLP(nn.Module):
   """
   num_classes: int = 10
   hidden: tuple[int, ...] = (128, 64)
-  input_shape: tuple[int, ...] = (129,)
-  unroll_epochs = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Args: x: float32 `[n, D]`. Returns: logits `[n, classes]`, taps."""
-    if x.shape[1:] != tuple(self.input_shape):
-      raise ValueError(f"shape_mlp: input has shape {x.shape}, expected [n, "
-                       f"{', '.join(map(str, self.input_shape))}]")
-    h = x
+  def __call__(self, x: jax.Array, train: bool = False):
+    """Args: x: `[n, D]`. Returns: logits `[n, classes]`, taps."""
+    del train
+    h = jnp.asarray(x, jnp.float32)
     taps = {}
     for k, width in enumerate(self.hidden):
       h = nn.relu(nn.Dense(width, name=f"hidden{k + 1}")(h))
@@ -94,176 +99,76 @@ class ShapeMLP(nn.Module):
     return nn.Dense(self.num_classes, name="head")(h), taps
 
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
+class StackedFeatures(nn.Module):
+  """No weights: an input `[F, L, C]` of F ready-made features; tap `f<k>` is feature k
+  `[L, C]` (k from 1). For data whose modalities already are features (no classifier:
+  logits are None)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False):
+    del train
+    x = jnp.asarray(x, jnp.float32)
+    return None, {f"f{k + 1}": x[:, k] for k in range(x.shape[1])}
+
+
+BACKBONES: dict[str, type[nn.Module]] = {
     "digit_cnn": DigitCNN,
     "shape_mlp": ShapeMLP,
+    "stacked_features": StackedFeatures,
 }
 
 
-def make_backbone(name: str, **config: Any) -> nn.Module:
-  """The backbone `name` built with `config` (constructor fields; lists become tuples)."""
-  if name not in BACKBONES:
-    raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
-  cls = BACKBONES[name]
-  fields = backbone_config(cls())
-  unknown = sorted(set(config) - set(fields))
+def make_backbone(name: str, kwargs: Mapping[str, Any] | None = None,
+                  key: str = "config.backbones") -> nn.Module:
+  """The backbone `name` (a `BACKBONES` key or `package.module:Class`) built with `kwargs`.
+
+  Lists in `kwargs` become tuples. Errors name `key` (the config entry).
+  """
+  cls = resolve(name, BACKBONES, f"{key}.name")
+  if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+    raise ConfigError(f"{key}.name={name!r} is not a flax.linen.Module class")
+  kwargs = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+            for k, v in dict(kwargs or {}).items()}
+  fields = [f for f in cls.__dataclass_fields__ if f not in ("parent", "name")]
+  unknown = sorted(set(kwargs) - set(fields))
   if unknown:
-    raise ValueError(f"backbone {name!r} has no fields {unknown}; fields: {sorted(fields)}")
-  config = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()}
-  return cls(**config)
+    raise ConfigError(f"{key}.kwargs: {name!r} has no field(s) {unknown}; fields: {fields}")
+  return cls(**kwargs)
 
 
-def backbone_config(module: nn.Module) -> dict[str, Any]:
-  """The constructor fields of a backbone, as JSON-ready values (tuples -> lists)."""
-  out = {}
-  for field in dataclasses.fields(module):
-    if field.name in ("parent", "name"):
-      continue
-    value = getattr(module, field.name)
-    out[field.name] = list(value) if isinstance(value, tuple) else value
-  return out
+def _sample(spec: InputSpec, n: int = 1) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((n, *spec.shape), np.dtype(spec.dtype))
 
 
-def backbone_name(module: nn.Module) -> str:
-  """The `BACKBONES` key of a backbone instance."""
-  for name, cls in BACKBONES.items():
-    if type(module) is cls:
-      return name
-  raise ValueError(f"{type(module).__name__} is not a registered backbone; valid: "
-                   f"{', '.join(BACKBONES)}")
+def abstract_variables(module: nn.Module, spec: InputSpec):
+  """The variables' shapes and dtypes (`{'params': ..., ['batch_stats': ...]}`)."""
+  return jax.eval_shape(lambda k, x: module.init(k, x, train=False), jax.random.key(0),
+                        _sample(spec))
 
 
-def init_params(module: nn.Module, seed: int = 0):
-  """Initial `params` of `module` (one compiled program)."""
-  x = jnp.zeros((1, *module.input_shape), jnp.float32)
-  return jax.jit(lambda k: module.init(k, x)["params"])(jax.random.key(seed))
+def output_shapes(module: nn.Module, spec: InputSpec) -> tuple[list[int] | None,
+                                                               dict[str, list[int]]]:
+  """`(logits shape or None, {tap: per-example shape})`, without computing anything."""
+  variables = abstract_variables(module, spec)
+  logits, taps = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables,
+                                _sample(spec))
+  return (None if logits is None else list(logits.shape[1:]),
+          {k: list(v.shape[1:]) for k, v in taps.items()})
 
 
-def tap_shapes(module: nn.Module) -> dict[str, list[int]]:
-  """Tap name -> per-example shape (without the batch axis), in tap order."""
-  x = jax.ShapeDtypeStruct((1, *module.input_shape), jnp.float32)
-  variables = jax.eval_shape(module.init, jax.random.key(0), x)
-  _, taps = jax.eval_shape(module.apply, variables, x)
-  return {k: list(v.shape[1:]) for k, v in taps.items()}
+def init_variables(module: nn.Module, spec: InputSpec, seed: int = 0):
+  """Initial variables of `module` for inputs like `spec` (one compiled program)."""
+  x = jnp.zeros((1, *spec.shape), np.dtype(spec.dtype))
+  init = jax.jit(lambda k: module.init({"params": k, "dropout": k}, x, train=False))
+  return jax.device_get(init(jax.random.key(seed)))
 
 
 # ------------------------------------------------------------------ training
 
-def _num_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.argmax(logits, -1) == labels)
-
-
 @functools.lru_cache(maxsize=16)
-def _epoch_fn(module: nn.Module, batch_size: int, lr: float, unroll: bool) -> Callable:
-  """One compiled epoch: shuffled batches under `lax.scan`, then correct val predictions."""
-  tx = optax.adam(lr)
-
-  def loss_fn(params, x, y):
-    logits, _ = module.apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  def step(carry, idx):
-    params, opt_state, x_all, y_all = carry
-    loss, grads = jax.value_and_grad(loss_fn)(params, x_all[idx], y_all[idx])
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, x_all, y_all), loss
-
-  @jax.jit
-  def epoch(params, opt_state, key, x_tr, y_tr, x_val, y_val):
-    n = y_tr.shape[0]
-    nb = n // batch_size
-    perm = jax.random.permutation(key, n)[:nb * batch_size].reshape(nb, batch_size)
-    (params, opt_state, _, _), losses = jax.lax.scan(
-        step, (params, opt_state, x_tr, y_tr), perm, unroll=unroll)
-    logits, _ = module.apply({"params": params}, x_val)
-    return params, opt_state, losses.mean(), _num_correct(logits, y_val)
-
-  return tx, epoch
-
-
-def train_backbone(name: str, inputs_train: np.ndarray, labels_train: np.ndarray,
-                   inputs_val: np.ndarray, labels_val: np.ndarray, seed: int = 0,
-                   epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
-                   config: Mapping[str, Any] | None = None, progress: bool = False):
-  """Trains a backbone with Adam and keeps the epoch with the best val accuracy.
-
-  The train split sits on the device; each epoch is one compiled call that
-  permutes it with a key folded from `seed` and the epoch, scans over the full
-  batches (the remainder is dropped; see `UNROLL_MAX_BATCHES` for when the scan
-  is unrolled) and scores the whole val split. The test split is never seen.
-  The same seed gives the same params on CPU.
-
-  Args:
-    name: a key of `BACKBONES`.
-    inputs_train: float32 `[n_train, *input_shape]`.
-    labels_train: int `[n_train]` class ids.
-    inputs_val: float32 `[n_val, *input_shape]`.
-    labels_val: int `[n_val]`.
-    seed: seeds the initialization and the shuffling.
-    epochs: training epochs.
-    batch_size: examples per step.
-    lr: Adam learning rate.
-    config: backbone constructor fields (e.g. `num_classes`).
-    progress: show a tqdm bar over epochs.
-
-  Returns:
-    `(params, metrics)`: the params of the selected epoch, and `val_accuracy`,
-    `best_epoch` (from 0), `epochs`, `seconds` and `history` (per epoch
-    `train_loss`, `val_accuracy`).
-  """
-  module = make_backbone(name, **dict(config or {}))
-  if not isinstance(epochs, int) or epochs < 1:
-    raise ValueError(f"train_backbone({name!r}): epochs={epochs!r} must be a positive int")
-  n = int(np.shape(labels_train)[0])
-  if not 1 <= batch_size <= n:
-    raise ValueError(f"train_backbone({name!r}): batch_size={batch_size} must lie in [1, {n}]")
-  start = time.perf_counter()
-  unroll = module.unroll_epochs and n // batch_size <= UNROLL_MAX_BATCHES
-  tx, epoch_fn = _epoch_fn(module, int(batch_size), float(lr), unroll)
-  x_tr, y_tr, x_val, y_val = jax.device_put((
-      np.asarray(inputs_train, np.float32), np.asarray(labels_train, np.int32),
-      np.asarray(inputs_val, np.float32), np.asarray(labels_val, np.int32)))
-  key_init, key_shuffle = jax.random.split(jax.random.key(seed))
-  params = jax.jit(lambda k: module.init(k, x_tr[:1])["params"])(key_init)
-  opt_state = tx.init(params)
-  best_params, best_acc, best_epoch, history = params, -1.0, -1, []
-  epochs_iter = range(epochs)
-  if progress:
-    import tqdm
-    epochs_iter = tqdm.tqdm(epochs_iter, desc=f"train {name}", leave=False)
-  for e in epochs_iter:
-    params, opt_state, loss, correct = epoch_fn(
-        params, opt_state, jax.random.fold_in(key_shuffle, e), x_tr, y_tr, x_val, y_val)
-    loss, acc = float(loss), int(correct) / y_val.shape[0]
-    if not np.isfinite(loss):
-      raise FloatingPointError(f"train_backbone({name!r}): train loss is {loss} at epoch {e}")
-    history.append({"epoch": e, "train_loss": loss, "val_accuracy": acc})
-    if acc > best_acc:
-      best_params, best_acc, best_epoch = params, acc, e
-  best_params = jax.device_get(best_params)
-  metrics = {"val_accuracy": best_acc, "best_epoch": best_epoch, "epochs": epochs,
-             "seconds": time.perf_counter() - start, "history": history}
-  return best_params, metrics
-
-
-def predict(module: nn.Module, params, inputs: np.ndarray, batch_size: int = 500) -> np.ndarray:
-  """Logits float32 `[n, classes]`, in fixed-size (zero-padded) batches."""
-  fn = _apply_fn(module)
-  inputs = np.asarray(inputs, np.float32)
-  out = [np.asarray(fn(params, batch)[0][:size])
-         for batch, size in fixed_batches(inputs, batch_size)]
-  return np.concatenate(out)
-
-
-def accuracy(module: nn.Module, params, inputs: np.ndarray, labels: np.ndarray) -> float:
-  """Fraction of `inputs` `[n, ...]` whose argmax logit is `labels` `[n]`."""
-  logits = predict(module, params, inputs)
-  return float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
-
-
-@functools.lru_cache(maxsize=16)
-def _apply_fn(module: nn.Module) -> Callable:
-  return jax.jit(lambda params, x: module.apply({"params": params}, x))
+def apply_fn(module: nn.Module) -> Callable:
+  """Compiled `(variables, x [b, ...]) -> (logits, taps)` in inference mode."""
+  return jax.jit(lambda variables, x: module.apply(variables, x, train=False))
 
 
 def fixed_batches(inputs: np.ndarray, batch_size: int):
@@ -279,12 +184,140 @@ def fixed_batches(inputs: np.ndarray, batch_size: int):
     yield batch, size
 
 
+def predict(module: nn.Module, variables, inputs: np.ndarray,
+            batch_size: int = 256) -> np.ndarray | None:
+  """Logits float32 `[n, K]` (None for a backbone without a classifier)."""
+  fn = apply_fn(module)
+  out = []
+  for batch, size in fixed_batches(np.asarray(inputs), batch_size):
+    logits, _ = fn(variables, batch)
+    if logits is None:
+      return None
+    out.append(np.asarray(logits[:size]))
+  return np.concatenate(out)
+
+
+def score(logits: np.ndarray, labels: np.ndarray, label_kind: str,
+          threshold: float = 0.3) -> tuple[str, float]:
+  """`('accuracy', value)` for single-label data, `('f1_weighted', value)` at
+  `threshold` for multi-label data."""
+  if label_kind == "single":
+    return "accuracy", float(metrics_lib.accuracy(jnp.asarray(logits), jnp.asarray(labels)))
+  return "f1_weighted", float(metrics_lib.f1_score(jnp.asarray(logits), jnp.asarray(labels),
+                                                   threshold, average="weighted"))
+
+
+@functools.lru_cache(maxsize=16)
+def _train_call(module: nn.Module, label_kind: str, lr: float, steps: int) -> tuple[Any, Callable]:
+  """`(tx, call)`: `call(variables, opt_state, x, y, idx [steps, B], valid [steps], key,
+  offset) -> (variables, opt_state, loss sum)`, `steps` unrolled training steps."""
+  tx = optax.adam(lr)
+  loss = loss_fn(label_kind)
+
+  def one_step(variables, opt_state, x, y, key):
+    rest = {k: v for k, v in variables.items() if k != "params"}
+
+    def objective(params):
+      out, updated = module.apply({"params": params, **rest}, x, train=True,
+                                  rngs={"dropout": key}, mutable=list(rest))
+      return loss(out[0], y), updated
+
+    (value, updated), grads = jax.value_and_grad(objective, has_aux=True)(variables["params"])
+    updates, opt_state = tx.update(grads, opt_state, variables["params"])
+    return {**variables, **updated,
+            "params": optax.apply_updates(variables["params"], updates)}, opt_state, value
+
+  @jax.jit
+  def call(variables, opt_state, x, y, idx, valid, key, offset):
+    total = jnp.float32(0)
+    for s in range(steps):
+      new_vars, new_opt, value = one_step(variables, opt_state, x[idx[s]], y[idx[s]],
+                                          jax.random.fold_in(key, offset + s))
+      keep = lambda new, old, s=s: jax.tree.map(lambda a, b: jnp.where(valid[s], a, b), new, old)
+      variables, opt_state = keep(new_vars, variables), keep(new_opt, opt_state)
+      total = total + jnp.where(valid[s], value, 0.0)
+    return variables, opt_state, total
+
+  return tx, call
+
+
+def train_backbone(module: nn.Module, spec: InputSpec, train: tuple[np.ndarray, np.ndarray],
+                   val: tuple[np.ndarray, np.ndarray], *, label_kind: str = "single",
+                   threshold: float = 0.3, seed: int = 0, epochs: int = 20,
+                   batch_size: int = 64, lr: float = 1e-3, where: str = "backbone",
+                   progress: bool = False):
+  """Trains a backbone with Adam and keeps the epoch with the best val metric.
+
+  The train split sits on the device; each epoch permutes it with a key folded
+  from `seed` and the epoch and runs its full batches (the remainder is
+  dropped) in calls of `STEPS_PER_CALL` compiled steps; the val split is then
+  scored (accuracy, or weighted F1 at `threshold` for multi-label data). The
+  test split is never seen. The same seed gives the same variables on CPU.
+
+  Args:
+    module: the backbone.
+    spec: its input spec.
+    train, val: `(inputs [n, *spec.shape], labels [n] or [n, K])`.
+    label_kind: `single` (softmax cross-entropy) or `multi` (sigmoid BCE).
+    where: the config key named in errors.
+
+  Returns:
+    `(variables, metrics)`: the variables of the selected epoch, and
+    `val_metric`, `metric`, `best_epoch` (from 0), `epochs`, `seconds`, `history`
+    (per epoch `train_loss`, `val_metric`).
+  """
+  x_tr, y_tr = train
+  n = int(np.shape(y_tr)[0])
+  if not isinstance(epochs, int) or epochs < 1:
+    raise ConfigError(f"{where}.epochs={epochs!r} must be a positive int")
+  if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+    raise ConfigError(f"{where}.batch_size={batch_size!r} must be an int in [1, {n}] (the "
+                      f"train split has {n} examples)")
+  start = time.perf_counter()
+  tx, call = _train_call(module, label_kind, float(lr), STEPS_PER_CALL)
+  y_dtype = np.int32 if label_kind == "single" else np.float32
+  x_dev, y_dev = jax.device_put((np.asarray(x_tr), np.asarray(y_tr, y_dtype)))
+  key_init, key_shuffle = jax.random.split(jax.random.key(seed))
+  variables = jax.jit(lambda k: module.init({"params": k, "dropout": k}, x_dev[:1],
+                                            train=False))(key_init)
+  opt_state = tx.init(variables["params"])
+  nb = n // batch_size
+  calls = -(-nb // STEPS_PER_CALL)
+  valid = (np.arange(calls * STEPS_PER_CALL) < nb).reshape(calls, STEPS_PER_CALL)
+  perm_fn = jax.jit(lambda k: jnp.pad(
+      jax.random.permutation(k, n)[:nb * batch_size].reshape(nb, batch_size),
+      ((0, calls * STEPS_PER_CALL - nb), (0, 0))).reshape(calls, STEPS_PER_CALL, batch_size))
+  best, best_value, best_epoch, history, metric = variables, -1.0, -1, [], ""
+  epoch_iter = range(epochs)
+  if progress:
+    import tqdm
+    epoch_iter = tqdm.tqdm(epoch_iter, desc=f"train {where}", leave=False)
+  for e in epoch_iter:
+    key = jax.random.fold_in(key_shuffle, e)
+    idx = perm_fn(key)
+    total = 0.0
+    for c in range(calls):
+      variables, opt_state, part = call(variables, opt_state, x_dev, y_dev, idx[c], valid[c],
+                                        key, c * STEPS_PER_CALL)
+      total += part
+    loss = float(total) / nb
+    if not np.isfinite(loss):
+      raise FloatingPointError(f"{where}: backbone train loss is {loss} at epoch {e}")
+    metric, value = score(predict(module, variables, val[0]), val[1], label_kind, threshold)
+    history.append({"epoch": e, "train_loss": loss, "val_metric": value})
+    if value > best_value:
+      best, best_value, best_epoch = variables, value, e
+  return jax.device_get(best), {"val_metric": best_value, "metric": metric,
+                                "best_epoch": best_epoch, "epochs": epochs,
+                                "seconds": time.perf_counter() - start, "history": history}
+
+
 # ------------------------------------------------------------ export / restore
 
-def content_id(params) -> str:
+def content_id(variables) -> str:
   """`sha256:<hex>` over every leaf's path, dtype, shape and bytes (the checkpoint id)."""
   digest = hashlib.sha256()
-  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
     arr = np.ascontiguousarray(np.asarray(leaf))
     digest.update(f"{jax.tree_util.keystr(path)}|{arr.dtype.str}|{arr.shape}|".encode())
@@ -292,59 +325,57 @@ def content_id(params) -> str:
   return "sha256:" + digest.hexdigest()
 
 
-def _check_params(module: nn.Module, params, where: str) -> None:
-  """`params` must have the module's tree structure, shapes, float32 and finite values."""
-  want = jax.eval_shape(lambda: init_params(module))
-  want_paths = {jax.tree_util.keystr(p): tuple(v.shape)
-                for p, v in jax.tree_util.tree_flatten_with_path(want)[0]}
-  have_paths = {jax.tree_util.keystr(p): tuple(np.shape(v))
-                for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  if want_paths != have_paths:
-    raise BackboneError(f"{where}: params do not fit the backbone: expected {want_paths}, "
-                        f"got {have_paths}")
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+def check_variables(module: nn.Module, spec: InputSpec, variables, where: str) -> None:
+  """`variables` must have the module's tree, shapes, dtypes and finite values."""
+  want = {jax.tree_util.keystr(p): (tuple(v.shape), np.dtype(v.dtype))
+          for p, v in jax.tree_util.tree_flatten_with_path(abstract_variables(module, spec))[0]}
+  have = {jax.tree_util.keystr(p): (tuple(np.shape(v)), np.asarray(v).dtype)
+          for p, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  if want.keys() != have.keys():
+    raise BackboneError(f"{where}: variables do not fit the backbone: missing "
+                        f"{sorted(want.keys() - have.keys())}, unexpected "
+                        f"{sorted(have.keys() - want.keys())}")
+  bad = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+  if bad:
+    raise BackboneError(f"{where}: variables do not fit the backbone: (have, want) {bad}")
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
     arr = np.asarray(leaf)
-    if arr.dtype != np.float32 or not np.all(np.isfinite(arr)):
-      raise BackboneError(f"{where}: param {jax.tree_util.keystr(path)} must be finite "
-                          f"float32, got {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+      raise BackboneError(f"{where}: variable {jax.tree_util.keystr(path)} has NaN/inf")
 
 
-def export_backbone(directory: str | os.PathLike, name: str, params,
+def export_backbone(directory: str | os.PathLike, name: str, kwargs: Mapping[str, Any],
+                    module: nn.Module, spec: InputSpec, variables,
                     meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Saves a trained backbone as an orbax checkpoint plus `meta.json`.
+  """Saves a backbone's variables as an orbax checkpoint plus `meta.json`.
 
-  Layout: `directory/params/` (orbax `StandardCheckpointer`) and
+  Layout: `directory/variables/` (orbax `StandardCheckpointer`) and
   `directory/meta.json`. Everything is written into a temporary folder next to
   `directory` and renamed into place only once complete, so a failure leaves an
   earlier export at `directory` as it was.
 
   Args:
     directory: the export folder (created or replaced).
-    name: a key of `BACKBONES`.
-    params: the backbone's `params` tree.
-    meta: extra JSON fields (e.g. `val_accuracy`, `test_accuracy`, `modality`);
-      `meta['config']`, if present, holds the constructor fields.
+    name, kwargs: the backbone's config name and constructor kwargs (recorded).
+    module, spec: the backbone and its input spec.
+    variables: `{'params': ..., ['batch_stats': ...]}`.
+    meta: extra JSON fields (e.g. accuracies, training settings).
 
   Returns:
-    The stored meta: `format`, `name`, `config`, `input_shape`, `num_classes`,
-    `taps` (name -> per-example shape, in tap order), `content_id` (the
-    backbone checkpoint id, see `content_id`) and the given fields.
+    The stored meta: `format`, `backbone`, `kwargs`, `input`, `logits`, `taps`
+    (name -> per-example shape, in tap order), `content_id` and the given fields.
 
   Raises:
-    BackboneError: params that do not fit the backbone, meta that is not JSON,
-      or a failed save; the message names `directory`.
+    BackboneError: variables that do not fit the backbone, meta that is not
+      JSON, or a failed save; the message names `directory`.
   """
   directory = pathlib.Path(directory).absolute()
+  variables = jax.device_get(variables)
+  check_variables(module, spec, variables, f"exporting to {directory}")
+  logits, taps = output_shapes(module, spec)
+  stored = {"format": FORMAT, "backbone": name, "kwargs": dict(kwargs), "input": spec.to_json(),
+            "logits": logits, "taps": taps, "content_id": content_id(variables)}
   extra = dict(meta or {})
-  try:
-    module = make_backbone(name, **dict(extra.pop("config", None) or {}))
-  except ValueError as e:
-    raise BackboneError(f"exporting to {directory}: {e}") from e
-  params = jax.device_get(params)
-  _check_params(module, params, f"exporting to {directory}")
-  stored = {"format": FORMAT, "name": name, "config": backbone_config(module),
-            "input_shape": list(module.input_shape), "num_classes": module.num_classes,
-            "taps": tap_shapes(module), "content_id": content_id(params)}
   clash = sorted(set(extra) & set(stored))
   if clash:
     raise BackboneError(f"exporting to {directory}: meta keys {clash} are reserved")
@@ -357,12 +388,13 @@ def export_backbone(directory: str | os.PathLike, name: str, params,
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
   try:
     tmp.chmod(0o755)                  # mkdtemp makes it private; exports are shared folders
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-      checkpointer.save(tmp / PARAMS_DIRNAME, params)
-      checkpointer.wait_until_finished()
-    finally:
-      checkpointer.close()
+    if jax.tree.leaves(variables):    # orbax refuses an empty tree (a backbone without weights)
+      checkpointer = ocp.StandardCheckpointer()
+      try:
+        checkpointer.save(tmp / VARIABLES_DIRNAME, variables)
+        checkpointer.wait_until_finished()
+      finally:
+        checkpointer.close()
     (tmp / META_FILENAME).write_text(text)
     swap_dir_into_place(tmp, directory)
   except BackboneError:
@@ -375,7 +407,7 @@ def export_backbone(directory: str | os.PathLike, name: str, params,
 
 
 def read_backbone_meta(directory: str | os.PathLike) -> dict[str, Any]:
-  """The checked `meta.json` of an export (no params are read)."""
+  """The checked `meta.json` of an export (no variables are read)."""
   directory = pathlib.Path(directory).absolute()
   path = directory / META_FILENAME
   if not directory.is_dir():
@@ -396,45 +428,51 @@ def read_backbone_meta(directory: str | os.PathLike) -> dict[str, Any]:
   return meta
 
 
-def restore_backbone(directory: str | os.PathLike):
-  """Restores an export written by `export_backbone` from disk.
+def restore_variables(checkpoint: str | os.PathLike, module: nn.Module, spec: InputSpec,
+                      where: str):
+  """Restores a variables tree saved with orbax's `StandardCheckpointer` at `checkpoint`,
+  shaped like the module's variables for inputs like `spec`; errors name `where`."""
+  checkpoint = pathlib.Path(checkpoint).absolute()
+  abstract = abstract_variables(module, spec)
+  if not jax.tree.leaves(abstract):
+    return abstract                   # a backbone without weights has nothing to restore
+  if not checkpoint.is_dir():
+    raise BackboneError(f"{where}: checkpoint {checkpoint} is missing")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          abstract)
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    variables = checkpointer.restore(checkpoint, abstract)
+  except Exception as e:  # orbax/tensorstore raise many types for bad files.
+    raise BackboneError(f"{where}: cannot restore checkpoint {checkpoint}: {e!r}") from e
+  finally:
+    checkpointer.close()
+  variables = jax.device_get(variables)
+  check_variables(module, spec, variables, where)
+  return variables
+
+
+def restore_backbone(directory: str | os.PathLike, module: nn.Module, spec: InputSpec):
+  """Restores an export written by `export_backbone` for `module` (the caller's module:
+  nothing in the export decides which code runs).
 
   Returns:
-    `(module, params, meta)`; params are numpy arrays whose `content_id` is
-    checked against the meta.
+    `(variables, meta)`; the variables' content id is checked against the meta.
 
   Raises:
-    BackboneError: the export is missing, unreadable, of an unknown backbone,
-      does not fit its backbone, or its params differ from its content id; the
-      message names the path.
+    BackboneError: the export is missing, unreadable, does not fit `module`, or
+      its variables differ from its content id; the message names the path.
   """
   directory = pathlib.Path(directory).absolute()
   meta = read_backbone_meta(directory)
-  try:
-    module = make_backbone(meta["name"], **dict(meta["config"]))
-  except (ValueError, TypeError) as e:
-    raise BackboneError(f"backbone export {directory}: {e}") from e
-  params_dir = directory / PARAMS_DIRNAME
-  if not params_dir.is_dir():
-    raise BackboneError(f"backbone export {directory}: checkpoint {params_dir} is missing")
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          jax.eval_shape(lambda: init_params(module)))
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    params = checkpointer.restore(params_dir, abstract)
-  except Exception as e:  # orbax/tensorstore raise many types for bad files.
-    raise BackboneError(f"backbone export {directory}: cannot restore checkpoint "
-                        f"{params_dir}: {e!r}") from e
-  finally:
-    checkpointer.close()
-  params = jax.device_get(params)
-  _check_params(module, params, f"backbone export {directory}")
-  got = content_id(params)
+  where = f"backbone export {directory}"
+  if meta["input"] != spec.to_json():
+    raise BackboneError(f"{where}: exported for input {meta['input']}, the data give "
+                        f"{spec.to_json()}")
+  variables = restore_variables(directory / VARIABLES_DIRNAME, module, spec, where)
+  got = content_id(variables)
   if got != meta["content_id"]:
-    raise BackboneError(f"backbone export {directory}: restored params have content id {got}, "
+    raise BackboneError(f"{where}: restored variables have content id {got}, "
                         f"{META_FILENAME} says {meta['content_id']} (corrupt checkpoint)")
-  if tap_shapes(module) != meta["taps"]:
-    raise BackboneError(f"backbone export {directory}: {META_FILENAME} taps {meta['taps']} "
-                        f"differ from the backbone's {tap_shapes(module)}")
-  return module, params, meta
+  return variables, meta

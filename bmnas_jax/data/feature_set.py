@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from bmnas_jax.errors import ConfigError, DataError
+
 SPLITS = ("train", "val", "test")
 LABEL_KINDS = ("single", "multi")
 
@@ -62,33 +64,33 @@ class FeatureSet:
   def validate(self, where: str = "feature set") -> None:
     """Raises ValueError naming the split/node/field that is inconsistent."""
     if self.label_kind not in LABEL_KINDS:
-      raise ValueError(f"{where}: label_kind {self.label_kind!r} is not one of {LABEL_KINDS}")
+      raise DataError(f"{where}: label_kind {self.label_kind!r} is not one of {LABEL_KINDS}")
     for split_name, split in self.splits.items():
       n = len(split)
       for node in self.nodes:
         if node.name not in split.features:
-          raise ValueError(f"{where}: split {split_name!r} has no feature {node.name!r}")
+          raise DataError(f"{where}: split {split_name!r} has no feature {node.name!r}")
         arr = split.features[node.name]
         want = (n, node.channels, node.length)
         if tuple(arr.shape) != want:
-          raise ValueError(f"{where}: split {split_name!r} feature {node.name!r} has shape "
-                           f"{tuple(arr.shape)}, expected {want} [n, C_in, L_in]")
+          raise DataError(f"{where}: split {split_name!r} feature {node.name!r} has shape "
+                          f"{tuple(arr.shape)}, expected {want} [n, C_in, L_in]")
         if not np.all(np.isfinite(arr)):
-          raise ValueError(f"{where}: split {split_name!r} feature {node.name!r} contains NaN/inf")
+          raise DataError(f"{where}: split {split_name!r} feature {node.name!r} contains NaN/inf")
       labels = split.labels
       if self.label_kind == "single":
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-          raise ValueError(f"{where}: split {split_name!r} labels must be int [n], got "
-                           f"{labels.dtype} {labels.shape}")
+          raise DataError(f"{where}: split {split_name!r} labels must be int [n], got "
+                          f"{labels.dtype} {labels.shape}")
         if n and (labels.min() < 0 or labels.max() >= self.num_classes):
-          raise ValueError(f"{where}: split {split_name!r} labels out of range "
-                           f"[0, {self.num_classes}): min {labels.min()}, max {labels.max()}")
+          raise DataError(f"{where}: split {split_name!r} labels out of range "
+                          f"[0, {self.num_classes}): min {labels.min()}, max {labels.max()}")
       else:
         if labels.shape != (n, self.num_classes):
-          raise ValueError(f"{where}: split {split_name!r} multi-hot labels have shape "
-                           f"{labels.shape}, expected {(n, self.num_classes)}")
+          raise DataError(f"{where}: split {split_name!r} multi-hot labels have shape "
+                          f"{labels.shape}, expected {(n, self.num_classes)}")
         if not np.all((labels == 0) | (labels == 1)):
-          raise ValueError(f"{where}: split {split_name!r} multi-hot labels must be 0/1")
+          raise DataError(f"{where}: split {split_name!r} multi-hot labels must be 0/1")
 
 
 def node_specs(modalities: Sequence[str], channels: Mapping[str, Sequence[int]],
@@ -115,12 +117,12 @@ def nodes_from_config(data_cfg) -> tuple[NodeSpec, ...]:
   every node) and optional `lengths` (modality -> per-node L_in overrides)."""
   for key in ("modalities", "channels", "length"):
     if key not in data_cfg:
-      raise KeyError(f"config.data.{key} is missing")
+      raise ConfigError(f"config.data.{key} is missing")
   overrides = data_cfg.get("lengths") or {}
   lengths = {m: overrides[m] if m in overrides else (data_cfg.length,) * len(data_cfg.channels[m])
              for m in data_cfg.modalities if m in data_cfg.channels}
   try:
     return node_specs(tuple(data_cfg.modalities), data_cfg.channels, lengths)
   except (KeyError, IndexError, TypeError) as e:
-    raise ValueError(f"config.data.channels/lengths do not describe every modality in "
-                     f"config.data.modalities={tuple(data_cfg.modalities)}: {e}") from e
+    raise ConfigError(f"config.data.channels/lengths do not describe every modality in "
+                      f"config.data.modalities={tuple(data_cfg.modalities)}: {e}") from e

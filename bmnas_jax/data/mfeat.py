@@ -9,6 +9,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from bmnas_jax.data.source import ArraySplit, Dataset
+from bmnas_jax.errors import DataError
+
 RESOURCE = "resources/mfeat.npz"
 NUM_SAMPLES = 2000
 NUM_CLASSES = 10
@@ -58,34 +61,34 @@ def load_raw(path: str | pathlib.Path | None = None) -> dict[str, np.ndarray]:
   """
   path = resource_path() if path is None else pathlib.Path(path)
   if not path.is_file():
-    raise ValueError(f"{path}: mfeat resource not found; regenerate it with "
-                     f"experiments/make_mfeat.py")
+    raise DataError(f"{path}: mfeat resource not found; regenerate it with "
+                    f"experiments/make_mfeat.py")
   try:
     with np.load(path, allow_pickle=False) as npz:
       raw = {name: np.asarray(npz[name]) for name in npz.files}
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-    raise ValueError(f"{path}: cannot read the mfeat resource ({err})") from err
+    raise DataError(f"{path}: cannot read the mfeat resource ({err})") from err
   want = {name: ((NUM_SAMPLES, dim), dtype) for name, (dim, dtype, _) in VIEWS.items()}
   want["labels"] = ((NUM_SAMPLES,), np.int32)
   missing = sorted(set(want) - set(raw))
   if missing:
-    raise ValueError(f"{path}: mfeat resource lacks arrays {missing}; has {sorted(raw)}")
+    raise DataError(f"{path}: mfeat resource lacks arrays {missing}; has {sorted(raw)}")
   for name, (shape, dtype) in want.items():
     arr = raw[name]
     if arr.shape != shape or arr.dtype != dtype:
-      raise ValueError(f"{path}: array {name!r} is {arr.dtype} {arr.shape}, expected "
-                       f"{np.dtype(dtype)} {shape}")
+      raise DataError(f"{path}: array {name!r} is {arr.dtype} {arr.shape}, expected "
+                      f"{np.dtype(dtype)} {shape}")
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-      raise ValueError(f"{path}: array {name!r} contains NaN/inf")
+      raise DataError(f"{path}: array {name!r} contains NaN/inf")
   if raw["pix"].max() > 6:
-    raise ValueError(f"{path}: array 'pix' has values above 6 (max {raw['pix'].max()})")
+    raise DataError(f"{path}: array 'pix' has values above 6 (max {raw['pix'].max()})")
   labels = raw["labels"]
   if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-    raise ValueError(f"{path}: labels outside [0, {NUM_CLASSES})")
+    raise DataError(f"{path}: labels outside [0, {NUM_CLASSES})")
   counts = np.bincount(labels, minlength=NUM_CLASSES)
   if not np.all(counts == SAMPLES_PER_CLASS):
-    raise ValueError(f"{path}: expected {SAMPLES_PER_CLASS} samples per class, got "
-                     f"{counts.tolist()}")
+    raise DataError(f"{path}: expected {SAMPLES_PER_CLASS} samples per class, got "
+                    f"{counts.tolist()}")
   return {name: raw[name] for name in want}
 
 
@@ -178,3 +181,20 @@ def shape_descriptors(raw: Mapping[str, np.ndarray], train_indices: np.ndarray) 
   std = train.std(axis=0)
   std = np.where(std > 0, std, 1.0)
   return ((x - mean) / std).astype(np.float32)
+
+
+def get_dataset(config) -> Dataset:
+  """The embedded default as a dataset function (`config.data.source='mfeat'`).
+
+  Modalities `Image` (`pix_images`) and `Shape` (`shape_descriptors`, standardized
+  with train statistics); split `split_indices(labels, seed=config.data.split_seed)`
+  (seed 0 when the key is absent): 1200/400/400.
+  """
+  raw = load_raw()
+  split = split_indices(raw["labels"], seed=int(config.data.get("split_seed", 0)))
+  inputs = {"Image": pix_images(raw), "Shape": shape_descriptors(raw, split["train"])}
+  splits = {name: ArraySplit({m: v[idx] for m, v in inputs.items()},
+                             raw["labels"][idx].astype(np.int32))
+            for name, idx in split.items()}
+  return Dataset(splits, NUM_CLASSES, "single", CLASS_NAMES,
+                 description="UCI Multiple Features (mfeat)")

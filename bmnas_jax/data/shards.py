@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -9,7 +10,7 @@ import re
 import shutil
 import tempfile
 import types
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -18,6 +19,7 @@ from array_record.python import array_record_module
 
 from bmnas_jax.checkpoint import swap_dir_into_place
 from bmnas_jax.data.feature_set import SPLITS, FeatureSet, NodeSpec, Split
+from bmnas_jax.errors import DataError
 
 FORMAT_NAME = "bmnas_jax.feature_set"
 FORMAT_VERSION = 1
@@ -35,7 +37,7 @@ _METADATA_KEYS = ("format", "format_version", "nodes", "label_kind", "num_classe
                   "class_names", "label_dtype", "split_sizes", "user_metadata")
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
   """A stored feature set (or one about to be stored) is missing, corrupt or inconsistent."""
 
 
@@ -45,56 +47,68 @@ class ShardError(ValueError):
 
 
 class _FeatureSetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Writes one FeatureSet; the features depend on it, so one subclass per dataset name.
+  """Writes one stored feature set; the features depend on it, so one subclass per name.
 
   Subclasses are made by `_builder_class`, which sets `name` and `VERSION`. They are
   never registered with TFDS: reading goes through the files (`dataset_info.json`,
   `features.json`), so no builder code is needed to read a dataset back.
+  Examples come from `examples[split]()`, an iterator of `{node: float32 [C_in, L_in],
+  'label': ...}` in split order, so a split never has to be in memory.
   """
 
   VERSION = tfds.core.Version("1.0.0")
 
-  def __init__(self, *, feature_set: FeatureSet, stored_metadata: dict[str, Any],
-               **kwargs: Any):
+  def __init__(self, *, stored_metadata: dict[str, Any],
+               examples: Mapping[str, Callable[[], Iterator[dict[str, Any]]]], **kwargs: Any):
     # `DatasetBuilder.__init__` calls `_info`, so the attributes come first.
-    self._feature_set = feature_set
     self._stored_metadata = stored_metadata
+    self._examples = examples
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    fs = self._feature_set
+    meta = self._stored_metadata
     features = {node.name: tfds.features.Tensor(shape=(node.channels, node.length),
                                                  dtype=np.float32)
-                for node in fs.nodes}
-    features[LABEL_KEY] = _label_feature(fs.label_kind, fs.num_classes)
+                for node in _nodes_from_metadata(meta)}
+    features[LABEL_KEY] = _label_feature(meta["label_kind"], meta["num_classes"])
     features[INDEX_KEY] = tfds.features.Tensor(shape=(), dtype=np.int64)
     return tfds.core.DatasetInfo(
         builder=self,
         description="BM-NAS feature set: pooled backbone features per input node.",
         features=tfds.features.FeaturesDict(features),
-        metadata=tfds.core.MetadataDict(self._stored_metadata),
+        metadata=tfds.core.MetadataDict(meta),
         # Records are written in key (= index) order, not hashed order.
         disable_shuffling=True,
     )
+
+  def _log_download_done(self) -> None:
+    """Silent: TFDS would print "downloaded and prepared" (nothing is downloaded)."""
+
+  def _log_download_bytes(self) -> None:
+    """Silent: nothing is downloaded."""
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     # TFDS refuses to write an empty split; empty splits live in the metadata only.
     return {name: self._generate_examples(name)
-            for name, split in self._feature_set.splits.items() if len(split)}
+            for name, n in self._stored_metadata["split_sizes"].items() if n}
 
   def _generate_examples(self, split_name: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    fs = self._feature_set
-    split = fs.splits[split_name]
-    for i in range(len(split)):
-      example = {node.name: np.asarray(split.features[node.name][i], np.float32)
-                 for node in fs.nodes}
-      if fs.label_kind == "single":
-        example[LABEL_KEY] = np.int64(split.labels[i])
-      else:
-        example[LABEL_KEY] = np.asarray(split.labels[i], np.float32)
-      example[INDEX_KEY] = np.int64(i)
-      yield i, example
+    want = self._stored_metadata["split_sizes"][split_name]
+    label_kind = self._stored_metadata["label_kind"]
+    i = -1
+    for i, example in enumerate(self._examples[split_name]()):
+      if i >= want:
+        break
+      record = {k: np.asarray(v, np.float32) for k, v in example.items() if k != LABEL_KEY}
+      label = example[LABEL_KEY]
+      record[LABEL_KEY] = (np.int64(label) if label_kind == "single"
+                           else np.asarray(label, np.float32))
+      record[INDEX_KEY] = np.int64(i)
+      yield i, record
+    if i + 1 != want:
+      raise ShardError(f"split {split_name!r}: the examples gave {i + 1} records, expected "
+                       f"{want}")
 
 
 def _label_feature(label_kind: str, num_classes: int) -> tfds.features.Tensor:
@@ -130,30 +144,34 @@ def _check_name_version(name: str, version: str) -> None:
     raise ShardError(f"dataset version {version!r} must look like 'X.Y.Z'")
 
 
-def _stored_metadata(fs: FeatureSet, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-  """Validates `fs` and returns the JSON metadata stored next to the shards."""
-  try:
-    fs.validate(where="feature set to write")
-  except ValueError as e:
-    raise ShardError(str(e)) from e
-  unknown = sorted(set(fs.splits) - set(SPLITS))
+def stored_metadata(nodes: Sequence[NodeSpec], label_kind: str, num_classes: int,
+                    class_names: Sequence[str], label_dtype: str, split_sizes: Mapping[str, int],
+                    metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Checks and returns the JSON metadata stored next to the shards.
+
+  Args:
+    nodes: the input nodes, in order.
+    label_kind: `single` or `multi`.
+    num_classes: K.
+    class_names: the K class names, or empty.
+    label_dtype: the dtype labels are given back in (e.g. `int32`).
+    split_sizes: split -> examples.
+    metadata: the caller's JSON-serializable dict (`user_metadata`).
+  """
+  unknown = sorted(set(split_sizes) - set(SPLITS))
   if unknown:
     raise ShardError(f"feature set to write: splits {unknown} are not among {SPLITS}")
-  if not any(len(s) for s in fs.splits.values()):
+  if not any(split_sizes.values()):
     raise ShardError("feature set to write: every split is empty")
-  names = fs.node_names
+  names = [n.name for n in nodes]
   if len(set(names)) != len(names):
     raise ShardError(f"feature set to write: node names are not unique: {names}")
   for reserved in _RESERVED_KEYS:
     if reserved in names:
       raise ShardError(f"feature set to write: node name {reserved!r} is reserved")
-  if fs.class_names and len(fs.class_names) != fs.num_classes:
-    raise ShardError(f"feature set to write: {len(fs.class_names)} class_names for "
-                     f"num_classes {fs.num_classes}")
-  label_dtypes = {str(s.labels.dtype) for s in fs.splits.values() if len(s)}
-  if len(label_dtypes) != 1:
-    raise ShardError(f"feature set to write: label dtypes differ across splits: "
-                     f"{sorted(label_dtypes)}")
+  if class_names and len(class_names) != num_classes:
+    raise ShardError(f"feature set to write: {len(class_names)} class_names for "
+                     f"num_classes {num_classes}")
   user = dict(metadata or {})
   try:
     json.dumps(user, allow_nan=False)
@@ -164,12 +182,12 @@ def _stored_metadata(fs: FeatureSet, metadata: Mapping[str, Any] | None) -> dict
       "format": FORMAT_NAME,
       "format_version": FORMAT_VERSION,
       "nodes": [{"name": n.name, "modality": n.modality, "channels": int(n.channels),
-                 "length": int(n.length)} for n in fs.nodes],
-      "label_kind": fs.label_kind,
-      "num_classes": int(fs.num_classes),
-      "class_names": [str(c) for c in fs.class_names],
-      "label_dtype": label_dtypes.pop(),
-      "split_sizes": {name: len(split) for name, split in fs.splits.items()},
+                 "length": int(n.length)} for n in nodes],
+      "label_kind": label_kind,
+      "num_classes": int(num_classes),
+      "class_names": [str(c) for c in class_names],
+      "label_dtype": str(label_dtype),
+      "split_sizes": {name: int(n) for name, n in split_sizes.items()},
       "user_metadata": user,
   }
 
@@ -182,47 +200,42 @@ def _json_ok(value: Any) -> bool:
     return False
 
 
-def write_shards(feature_set: FeatureSet, data_dir: str | os.PathLike, name: str,
-                 metadata: Mapping[str, Any] | None = None, version: str = "1.0.0",
-                 num_shards: int | None = None) -> pathlib.Path:
-  """Writes `feature_set` as TFDS array_record shards at `data_dir/name/version`.
+def write_examples(stored: Mapping[str, Any],
+                   examples: Mapping[str, Callable[[], Iterator[dict[str, Any]]]],
+                   data_dir: str | os.PathLike, name: str, version: str = "1.0.0",
+                   num_shards: int | None = None) -> pathlib.Path:
+  """Writes examples as TFDS array_record shards at `data_dir/name/version`.
 
   Per example: each node's feature as float32 `[C_in, L_in]`, `label` (int64 `[]`
   class id for `single`, float32 `[K]` multi-hot for `multi`) and int64 `index`
-  (the position in its split). Nodes, label kind, classes, split sizes and the
-  caller's `metadata` go to `metadata.json` through `tfds.core.MetadataDict`.
+  (the position in its split). `stored` (from `stored_metadata`) goes to
+  `metadata.json` through `tfds.core.MetadataDict`. Splits are streamed from
+  `examples[split]()` (an iterator of `{node: [C_in, L_in], 'label': ...}` in
+  split order), so no split has to be in memory. The same examples give the
+  same bytes.
 
   The dataset is built in a temporary directory under `data_dir` and renamed into
   place; a failure before that leaves an earlier dataset at the same path
   untouched. `data_dir` must be a local filesystem path (the swap uses renames).
 
-  Args:
-    feature_set: the feature set; validated first, nothing is written if invalid.
-    data_dir: TFDS data directory.
-    name: dataset name, snake_case.
-    metadata: JSON-serializable dict stored with the dataset (e.g. backbone
-      checkpoint ids); returned by `read_metadata(...)['user_metadata']`.
-    version: dataset version `X.Y.Z`.
-    num_shards: shards per split; None lets TFDS choose by size.
-
   Returns:
     The dataset directory `data_dir/name/version`.
 
   Raises:
-    ShardError: invalid feature set, name, version or metadata.
+    ShardError: a bad name, version or shard count; a split whose iterator
+      gives another number of examples than `stored['split_sizes']`.
   """
   _check_name_version(name, version)
   if num_shards is not None and (int(num_shards) != num_shards or num_shards < 1):
     raise ShardError(f"num_shards must be a positive int, got {num_shards!r}")
-  stored = _stored_metadata(feature_set, metadata)
-
   data_dir = pathlib.Path(data_dir).absolute()
   data_dir.mkdir(parents=True, exist_ok=True)
   target = data_dir / name / version
   tmp_root = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}-{version}.tmp-", dir=data_dir))
+  tfds.disable_progress_bar()           # the prepare stage shows its own
   try:
     builder = _builder_class(name, version)(
-        feature_set=feature_set, stored_metadata=stored, data_dir=os.fspath(tmp_root),
+        stored_metadata=dict(stored), examples=examples, data_dir=os.fspath(tmp_root),
         file_format="array_record")
     builder.download_and_prepare(
         download_dir=os.fspath(tmp_root / "downloads"),
@@ -236,6 +249,44 @@ def write_shards(feature_set: FeatureSet, data_dir: str | os.PathLike, name: str
   finally:
     shutil.rmtree(tmp_root, ignore_errors=True)
   return target
+
+
+def write_shards(feature_set: FeatureSet, data_dir: str | os.PathLike, name: str,
+                 metadata: Mapping[str, Any] | None = None, version: str = "1.0.0",
+                 num_shards: int | None = None) -> pathlib.Path:
+  """Writes a whole in-memory `feature_set` with `write_examples` (see there).
+
+  Args:
+    feature_set: the feature set; validated first, nothing is written if invalid.
+    data_dir: TFDS data directory.
+    name: dataset name, snake_case.
+    metadata: JSON-serializable dict stored with the dataset (e.g. backbone
+      checkpoint ids); returned by `read_metadata(...)['user_metadata']`.
+    version: dataset version `X.Y.Z`.
+    num_shards: shards per split; None lets TFDS choose by size.
+
+  Raises:
+    ShardError: invalid feature set, name, version or metadata.
+  """
+  fs = feature_set
+  try:
+    fs.validate(where="feature set to write")
+  except ValueError as e:
+    raise ShardError(str(e)) from e
+  label_dtypes = {str(s.labels.dtype) for s in fs.splits.values() if len(s)}
+  if len(label_dtypes) > 1:
+    raise ShardError(f"feature set to write: label dtypes differ across splits: "
+                     f"{sorted(label_dtypes)}")
+  stored = stored_metadata(fs.nodes, fs.label_kind, fs.num_classes, fs.class_names,
+                           label_dtypes.pop() if label_dtypes else "int64",
+                           {k: len(v) for k, v in fs.splits.items()}, metadata)
+
+  def rows(split: Split) -> Iterator[dict[str, Any]]:
+    for i in range(len(split)):
+      yield {**{k: v[i] for k, v in split.features.items()}, LABEL_KEY: split.labels[i]}
+
+  examples = {k: functools.partial(rows, v) for k, v in fs.splits.items()}
+  return write_examples(stored, examples, data_dir, name, version, num_shards)
 
 
 # ----------------------------------------------------------------------------
@@ -378,8 +429,13 @@ def _check_features(path: pathlib.Path, info: tfds.core.DatasetInfo,
                        f"{tuple(feature.shape)}, metadata says {np.dtype(dtype)} {shape}")
 
 
-class _Opened:
-  """An opened dataset: directory, metadata, nodes and one TFDS data source per split."""
+class ShardSource:
+  """An opened dataset: directory, metadata, nodes and one TFDS data source per split.
+
+  Random access without loading a split: `read(split, keys)` returns a batch of
+  records. Attributes: `path`, `version`, `meta`, `nodes` (NodeSpec tuple),
+  `split_sizes` (split -> examples), `label_kind`, `num_classes`, `class_names`.
+  """
 
   def __init__(self, data_dir: str | os.PathLike, name: str, version: str | None,
                expect_nodes: Sequence[NodeSpec] | None = None):
@@ -424,6 +480,14 @@ class _Opened:
   def num_classes(self) -> int:
     return int(self.meta["num_classes"])
 
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return tuple(self.meta["class_names"])
+
+  @property
+  def node_names(self) -> tuple[str, ...]:
+    return tuple(n.name for n in self.nodes)
+
   def empty_batch(self, n: int) -> dict[str, np.ndarray]:
     out = {node.name: np.empty((n, node.channels, node.length), np.float32)
            for node in self.nodes}
@@ -456,7 +520,7 @@ class _Opened:
     return out
 
 
-def _split_to_array(opened: _Opened, split_name: str) -> Split:
+def _split_to_array(opened: ShardSource, split_name: str) -> Split:
   n = opened.split_sizes[split_name]
   whole = opened.empty_batch(n)
   seen = np.zeros((n,), bool)
@@ -478,6 +542,16 @@ def _split_to_array(opened: _Opened, split_name: str) -> Split:
   labels = whole[LABEL_KEY].astype(np.dtype(opened.meta["label_dtype"]), copy=False)
   features = {node.name: whole[node.name] for node in opened.nodes}
   return Split(features=features, labels=labels)
+
+
+def open_shards(data_dir: str | os.PathLike, name: str, version: str | None = None, *,
+                expect_nodes: Sequence[NodeSpec] | None = None) -> ShardSource:
+  """Opens a dataset written by `write_shards` for random access (nothing is loaded).
+
+  Raises:
+    ShardError: missing/corrupt files, inconsistent metadata, unexpected nodes.
+  """
+  return ShardSource(data_dir, name, version, expect_nodes)
 
 
 def read_feature_set(data_dir: str | os.PathLike, name: str, version: str | None = None,
@@ -502,7 +576,7 @@ def read_feature_set(data_dir: str | os.PathLike, name: str, version: str | None
     ShardError: missing/corrupt files, inconsistent metadata, unexpected nodes,
       invalid values (labels out of range, NaN/inf features).
   """
-  opened = _Opened(data_dir, name, version, expect_nodes)
+  opened = open_shards(data_dir, name, version, expect_nodes=expect_nodes)
   splits = {split_name: _split_to_array(opened, split_name)
             for split_name in SPLITS if split_name in opened.split_sizes}
   fs = FeatureSet(nodes=opened.nodes, splits=splits, label_kind=opened.label_kind,
@@ -523,7 +597,7 @@ def read_feature_set(data_dir: str | os.PathLike, name: str, version: str | None
 class _ReadBatch:
   """grain map: a batch of record indices -> a dict of numpy batches."""
 
-  def __init__(self, opened: _Opened, split_name: str):
+  def __init__(self, opened: ShardSource, split_name: str):
     self._opened = opened
     self._split = split_name
 
@@ -569,7 +643,7 @@ def stream(data_dir: str | os.PathLike, name: str, split: str, batch_size: int,
     raise ShardError(f"num_epochs must be a positive int or None, got {num_epochs!r}")
   if shuffle and not 0 <= int(seed) < 2**32:
     raise ShardError(f"seed must lie in [0, 2**32), got {seed!r}")
-  opened = _Opened(data_dir, name, version)
+  opened = ShardSource(data_dir, name, version)
   if split not in opened.split_sizes:
     raise ShardError(f"dataset {opened.path} has no split {split!r}; stored splits "
                      f"{sorted(opened.split_sizes)} ({METADATA_FILENAME} key 'split_sizes')")

@@ -17,6 +17,7 @@ from bmnas_jax.checkpoint import write_text_atomic
 from bmnas_jax.report import genotype_plot, plots, tables
 from bmnas_jax.report.tables import Stat, Table
 from bmnas_jax.summary import describe
+from bmnas_jax.errors import DataError
 
 REPORT_MD = "report.md"
 REPORT_DIR = "report"
@@ -53,7 +54,7 @@ class RunFiles:
   late_fusion: dict | None = None
   late_fusion_records: list[dict] | None = None
   unimodal: list[dict] | None = None
-  extraction_seconds: float | None = None
+  prepare: dict | None = None
   ablate: dict | None = None
 
 
@@ -73,7 +74,7 @@ def unimodal_rows(obj: Any) -> list[dict]:
   items = obj.items() if isinstance(obj, Mapping) else ((None, v) for v in obj)
   for key, v in items:
     if not isinstance(v, Mapping):
-      raise ValueError(f"backbones/unimodal.json: entry {key!r} is not an object: {v!r}")
+      raise DataError(f"backbones/unimodal.json: entry {key!r} is not an object: {v!r}")
     if "backbone" in v:
       name, modality = v["backbone"], v.get("modality", key)
     else:
@@ -82,30 +83,12 @@ def unimodal_rows(obj: Any) -> list[dict]:
   return rows
 
 
-def _extraction_seconds(config, workdir: str) -> float | None:
-  """From `features/extraction.json`, else from the shards' user metadata; None if absent."""
-  folder = os.path.join(workdir, "features")
-  summary = _optional(workdir, os.path.join("features", "extraction.json"), _read_json)
-  if isinstance(summary, Mapping) and "extraction_seconds" in summary:
-    return float(summary["extraction_seconds"])
-  source = _cfg(config, "data.source", "")
-  if not source or not os.path.isdir(os.path.join(folder, source)):
-    return None
-  from bmnas_jax.data import shards      # imports tensorflow_datasets: only when shards exist
-  try:
-    user = shards.read_metadata(folder, source).get("user_metadata") or {}
-  except (shards.ShardError, OSError, ValueError, KeyError):
-    return None
-  seconds = user.get("extraction_seconds")
-  return None if seconds is None else float(seconds)
-
-
 def read_run(config, workdir: str) -> RunFiles:
-  """Reads the run directory; raises FileNotFoundError when a required file is missing."""
+  """Reads the run directory; raises DataError when a required file is missing."""
   missing = [r for r in REQUIRED if not os.path.exists(os.path.join(workdir, r))]
   if missing:
-    raise FileNotFoundError(f"{workdir}: the report needs {', '.join(missing)} "
-                            f"(run the search and evaluate stages first)")
+    raise DataError(f"{workdir}: the report needs {', '.join(missing)} "
+                    f"(run the search and evaluate stages first)")
   ablate = _optional(workdir, "ablate/results.json", _read_json)
   unimodal = _optional(workdir, "backbones/unimodal.json", _read_json)
   return RunFiles(
@@ -118,7 +101,7 @@ def read_run(config, workdir: str) -> RunFiles:
       late_fusion=_optional(workdir, "late_fusion/metrics.json", _read_json),
       late_fusion_records=_optional(workdir, "late_fusion/metrics.jsonl", _read_jsonl),
       unimodal=None if unimodal is None else unimodal_rows(unimodal),
-      extraction_seconds=_extraction_seconds(config, workdir),
+      prepare=_optional(workdir, "features/prepare.json", _read_json),
       ablate=ablate)
 
 
@@ -259,6 +242,28 @@ class _Builder:
     for n in notes:
       self.add(_note(n))
 
+  # -- what the stored features keep
+  def features(self) -> None:
+    probes = (self.run.prepare or {}).get("probes") or []
+    if not probes:
+      return
+    self.add("## Stored features: linear probes")
+    rows = []
+    for p in probes:
+      own = p.get("backbone_val")
+      rows.append([p["node"], p["tap"], p["pool"], f"{p['C_in']} x {p['L_in']}",
+                   Stat(p["probe_val"]), None if own is None else Stat(own),
+                   None if p.get("kept") is None else f"{100 * p['kept']:.0f}%"])
+    metric = tables.metric_label(probes[0]["metric"])
+    self.table(Table("probes", f"Linear probes on the pooled taps (validation {metric})",
+                     ["Node", "Tap", "Pool", "C_in x L_in", "Probe (%)", "Backbone (%)",
+                      "Kept"], rows),
+               f"A logistic regression on each stored feature (standardized, trained on up to "
+               f"{probes[0].get('train_examples', '?')} train examples) against the "
+               f"backbone's own validation score: how much of what the backbone knows the "
+               f"pooled feature keeps. A low share for the last tap of a modality suggests a "
+               f"larger L_in or another pool mode.")
+
   # -- Table 4
   def params(self) -> None:
     r = self.run
@@ -293,12 +298,12 @@ class _Builder:
              tables.format_hours(s["seconds"]), device,
              f"{s.get('epochs_done', '?')} epochs, {n_search} seeds together under vmap"]]
     notes = []
-    if r.extraction_seconds is not None:
-      rows.append(["Feature extraction (backbones, once)",
-                   tables.format_seconds(r.extraction_seconds),
-                   tables.format_hours(r.extraction_seconds), device, "not part of search"])
+    seconds = (r.prepare or {}).get("extraction_seconds")
+    if seconds is not None:
+      rows.append(["Feature extraction (backbones, once)", tables.format_seconds(seconds),
+                   tables.format_hours(seconds), device, "not part of search"])
     else:
-      notes.append("No feature-extraction time recorded (no features/ metadata).")
+      notes.append("No feature-extraction time recorded (features/prepare.json is absent).")
     if r.unimodal is not None:
       secs = [float(u["train_seconds"]) for u in r.unimodal if "train_seconds" in u]
       if secs:
@@ -450,6 +455,7 @@ def build_report(config, run: RunFiles, stage_dir: str) -> str:
   b = _Builder(config, run, stage_dir)
   b.header()
   b.results()
+  b.features()
   b.params()
   b.cost()
   b.ablations()
@@ -496,7 +502,7 @@ def write_report(config, workdir: str | os.PathLike) -> str:
     The path of report.md.
 
   Raises:
-    FileNotFoundError: the search or evaluate stage's files are missing.
+    DataError: the search or evaluate stage's files are missing.
   """
   workdir = os.path.abspath(os.fspath(workdir))
   run = read_run(config, workdir)

@@ -11,6 +11,26 @@ def weight_opt(lr_max: float, weight_decay: float, t_i: float = 1, t_mult: float
       b1=0.9, b2=0.999))
 
 
+def backbone(name: str, kwargs: dict | None = None, taps: tuple[str, ...] = (),
+             pool: str | tuple[str, ...] = "first", weights: str = "train",
+             checkpoint: str = "", epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
+             seed: int = 0) -> ml_collections.ConfigDict:
+  """One modality's backbone for the prepare stage.
+
+  Args:
+    name: a key of `bmnas_jax.data.backbones.BACKBONES` or `package.module:Class`.
+    kwargs: its constructor arguments.
+    taps: the taps to store, in node order (empty: all, in the backbone's order).
+    pool: `first` or `grid` (`bmnas_jax.data.pooling`), for all taps or one per tap.
+    weights: `train` (on the train split, selected on val; `epochs`, `batch_size`,
+      `lr`, `seed`), `init` (seeded initialization, `seed`), `orbax` (a checkpoint
+      directory at `checkpoint`) or `torch` (a PyTorch file at `checkpoint`).
+  """
+  return ml_collections.ConfigDict(dict(
+      name=name, kwargs=dict(kwargs or {}), taps=tuple(taps), pool=pool, weights=weights,
+      checkpoint=checkpoint, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Keys every experiment has; dataset configs fill in shapes and hyperparameters."""
   c = ml_collections.ConfigDict()
@@ -18,18 +38,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.fidelity = "paper"              # 'paper' or 'reference' (the original release's ops)
   c.seed = 0
   c.seeds = 1                       # seeds trained together under vmap
-  c.stages = "search,evaluate"
+  c.stages = "prepare,search,evaluate"
   c.devices = 0                     # devices in the mesh (0: all visible)
   c.seed_shards = 1                 # mesh axis for seeds (must divide the devices)
   c.distributed = False             # jax.distributed.initialize() (multi-host)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = ""                # a name in bmnas_jax.data.datasets.DATASETS
+  c.data.source = ""                # a name in bmnas_jax.data.datasets.DATASETS or
+                                    # an import path 'package.module:function'
+  c.data.root = ""                  # the dataset's files (for datasets read from disk)
+  c.data.skip_bad = False           # leave bad examples out (listed) instead of stopping
   c.data.modalities = ()
   c.data.channels = ml_collections.ConfigDict()   # modality -> C_in per tapped feature
   c.data.length = 8                 # L_in of the stored (pooled) features
   c.data.lengths = ml_collections.ConfigDict()    # optional modality -> per-node L_in
   c.data.label_kind = "single"      # 'single' (CE) or 'multi' (BCE)
+  c.data.in_memory = True           # whole splits on the devices; False: stream the shards
+  c.data.stream_block = 16          # batches per streamed block (one compiled call each)
+
+  c.backbones = ml_collections.ConfigDict()       # modality -> backbone(...)
+  c.prepare = ml_collections.ConfigDict(dict(
+      batch_size=256,               # examples per compiled backbone call
+      chunk_size=4096,              # examples per resumable chunk (a multiple of batch_size)
+      probe_examples=5000,          # train/val examples per linear probe (0: no probes)
+      read_workers=4))              # threads reading examples
 
   c.model = ml_collections.ConfigDict()
   c.model.C = 128

@@ -15,13 +15,17 @@ def get_config():
   c.data.planted = ("A_2", "B_3")
   c.data.snr = 3.0
   c.data.planted_seed = 0
+  # Each modality's input stacks its three features [3, L, C]; tap f<k> is feature k.
+  for m in c.data.modalities:
+    c.backbones[m] = common.backbone("stacked_features", weights="init")
   c.model.C, c.model.L = 8, 4
   c.model.num_cells, c.model.multiplier = 1, 1
   c.model.steps, c.model.node_multiplier = 1, 1
   c.model.num_classes = 4
   c.model.dropout = 0.0
   c.seeds = 5
-  c.stages = "search,evaluate,report"
+  c.stages = "prepare,search,evaluate,report"
+  c.prepare.probe_examples = 0
   c.search.epochs, c.search.batch_size = 10, 64
   c.search.weight_opt = common.weight_opt(3e-3, 1e-4, t_i=1, t_mult=2)
   c.search.arch_opt.lr = 3e-3

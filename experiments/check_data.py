@@ -1,0 +1,35 @@
+"""Checks a dataset before any backbone runs:
+`python -m experiments.check_data --config=CONFIG [--config.data.root=DIR]`.
+
+Prints one JSON object (examples per split, label counts, input shape and dtype per
+modality, every bad example with its file and reason); exits 1 when an example is
+bad, unless `--config.data.skip_bad=True` (the prepare stage then leaves them out).
+"""
+
+import json
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from bmnas_jax.data.check import check_data
+from experiments import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  result = check_data(config, workers=int(config.prepare.read_workers))
+  print(json.dumps(result))
+  if result["bad"] and not config.data.get("skip_bad", False):
+    print(f"error: {len(result['bad'])} bad example(s); config.data.skip_bad=True leaves them "
+          f"out", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  cli.run(main)
