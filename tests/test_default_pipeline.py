@@ -1,6 +1,7 @@
 """The embedded default (mfeat) through every stage, with tiny epoch counts."""
 
 import csv
+import json
 import os
 
 import pytest
@@ -17,6 +18,8 @@ def tiny_run(tmp_path_factory):
   for b in (c.backbones.Image, c.backbones.Shape):
     b.epochs = 1
   c.search.epochs, c.evaluate.epochs, c.ablate.random_trials = 1, 1, 1
+  # One Cell of one step: every stage and table, at a fraction of the compile time.
+  c.model.num_cells, c.model.multiplier, c.model.steps, c.model.node_multiplier = 1, 1, 1, 1
   tmp_path = tmp_path_factory.mktemp("mfeat")
   return tmp_path, pipeline.run(c, str(tmp_path))
 
@@ -37,6 +40,23 @@ def test_default_pipeline_tiny(tiny_run):
   for f in ("backbones/unimodal.json", "features/prepare.json", "search/best_genotype.json",
             "ablate/results.json"):
     assert (tmp_path / f).exists()
+
+
+def test_late_fusion_and_ablation_rows(tiny_run):
+  tmp_path, out = tiny_run
+  # Late fusion: the last feature of each modality, Image_2 and Shape_2.
+  assert out["late_fusion"]["genotype"]["cells"][0]["inputs"] == [1, 3]
+  abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
+  names = [(r["table"], r["name"]) for r in abl["rows"]]
+  assert names[:3] == [("feature_selection", "random"), ("feature_selection", "late_fusion"),
+                       ("feature_selection", "searched")]
+  assert [n for t, n in names if t == "fusion"] == ["Sum", "ConcatFC", "MHA", "AoA", "searched"]
+  for r in abl["rows"]:
+    assert 0.0 <= r["test"]["mean"] <= 1.0
+  mha = [r for r in abl["rows"] if r["name"] == "MHA"][0]["genotypes"][0]
+  assert [s["op"] for s in mha["cells"][0]["steps"]] == ["ScaleDotAttn", "ScaleDotAttn"]
+  searched = [r for r in abl["rows"] if r["name"] == "searched"][0]
+  assert searched["test"] == out["evaluate"]["final_test"]
 
 
 def _tree_digest(root, skip=("features",)):
