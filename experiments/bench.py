@@ -6,13 +6,11 @@
 import json
 
 from absl import flags, logging
-from ml_collections import config_flags
 
 from bmnas_jax.bench import benchmark
 from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config(None)
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds under vmap.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Step pairs per timed call.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls (the median is reported).")

@@ -10,13 +10,11 @@ import json
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from bmnas_jax.data.check import check_data
 from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config(None)
 flags.mark_flags_as_required(["config"])
 
 

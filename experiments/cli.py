@@ -4,8 +4,12 @@ import sys
 from typing import Callable
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from bmnas_jax.errors import InputError
+
+# ml_collections: `--config.a.b=v` for a key the config lacks, or a value of the wrong type.
+_OVERRIDE_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
 
 
 def _fail(message: str) -> None:
@@ -22,12 +26,36 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(str(e))
   except OSError as e:           # config_flags: the config file is missing or unreadable
     _fail(str(e).splitlines()[0] + (f" ({argv[1:]})" if len(argv) > 1 else ""))
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections: `--config.a.b=v` for a key the config lacks, or a value of the wrong
-    # type; its message names the key (and suggests the nearest one).
-    text = str(e.args[0] if e.args else e).replace("\n", " ").strip("'\"")
-    _fail(f"bad config override: {text}")
+  except _OVERRIDE_ERRORS as e:
+    _fail_override(e)
   return []
+
+
+def _fail_override(e: Exception) -> None:
+  text = str(e.args[0] if e.args else e)
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    text = text[1:-1]                     # a KeyError's repr inside the AttributeError
+  text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+  _fail(f"bad config override: {text}")   # ml_collections names the key, suggests the nearest
+
+
+def define_config(default: str | None):
+  """`--config`, a config file with `--config.key=value` overrides (ml_collections). Its
+  default file is read, and the overrides on the command line applied, right here."""
+  try:
+    return config_flags.DEFINE_config_file("config", default, "Experiment config file.",
+                                           lock_config=True)
+  except _OVERRIDE_ERRORS as e:
+    _fail_override(e)
+
+
+def _config_loaded() -> None:
+  """A config file that failed to load reports it on first use: here, as one line."""
+  if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+    try:
+      flags.FLAGS["config"].value.keys()
+    except OSError as e:
+      _fail("cannot load the config file: " + " ".join(str(e).split("\n", 1)[-1].split()))
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -35,6 +63,7 @@ def run(main: Callable[[list[str]], None]) -> None:
   stderr and exit status 1. Other exceptions are bugs and keep their traceback."""
 
   def guarded(argv):
+    _config_loaded()
     try:
       main(argv)
     except InputError as e:

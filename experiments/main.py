@@ -8,14 +8,12 @@ import os
 import sys
 
 from absl import flags, logging
-from ml_collections import config_flags
 
 from bmnas_jax import loop, pipeline
 from experiments import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mfeat.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config(_DEFAULT_CONFIG)
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "mfeat"),
                                "Run directory (resumes if it has checkpoints).")
 

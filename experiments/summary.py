@@ -7,14 +7,12 @@
 import json
 
 from absl import flags
-from ml_collections import config_flags
 
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax.summary import describe
 from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config(None)
 _GENOTYPE = flags.DEFINE_string("genotype", None, "Genotype JSON: describe the fixed network.")
 
 

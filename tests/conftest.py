@@ -84,3 +84,25 @@ def planted_config(**overrides):
       node = node[p]
     node[last] = v
   return c
+
+
+class Killed(Exception):
+  """Raised by `die_after_checkpoint`: the run stopped as if killed."""
+
+
+@pytest.fixture
+def die_after_checkpoint(monkeypatch):
+  """`die_after_checkpoint(step)`: every trainer raises `Killed` right after saving
+  checkpoint `step`; `die_after_checkpoint(None)` restores normal saving."""
+  from bmnas_jax import checkpoint
+  real_save = checkpoint.Checkpointer.save
+
+  def arm(step):
+    def save_then_die(self, s, state, meta):
+      real_save(self, s, state, meta)
+      if s == step:
+        raise Killed()
+    monkeypatch.setattr(checkpoint.Checkpointer, "save",
+                        real_save if step is None else save_then_die)
+
+  return arm

@@ -7,14 +7,16 @@ import os
 import pathlib
 import shutil
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bmnas_jax import pipeline
 from bmnas_jax.data import backbones as bb
-from bmnas_jax.data import prepare, shards
+from bmnas_jax.data import prepare, shards, torch_import
 from bmnas_jax.data.check import check_data
-from bmnas_jax.data.source import ArraySplit, BadExample, Dataset, Example
+from bmnas_jax.data.source import ArraySplit, BadExample, Dataset, Example, InputSpec
 from bmnas_jax.errors import ConfigError, DataError
 from experiments.configs import common
 
@@ -219,6 +221,7 @@ def test_killed_prepare_resumes_to_identical_shards(full, tmp_path, monkeypatch)
 def test_multilabel_end_to_end(tmp_path):
   c = config("multi")
   c.backbones.Img.epochs = 1
+  c.data.in_memory = False                       # the search streams the shards
   c.stages = "prepare,search"
   out = pipeline.run(c, os.fspath(tmp_path))
   fs = shards.read_feature_set(tmp_path / "features", "quadrants")
@@ -272,3 +275,90 @@ def test_config_errors_name_the_key(tmp_path, change, match):
   with pytest.raises(ConfigError, match=match):
     prepare.run_prepare(c, tmp_path)
   assert not (tmp_path / "features").exists() and not (tmp_path / "backbones").exists()
+
+
+# ------------------------------------------------------------------ weights='torch'
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "torch"
+
+
+class TorchConvBN(nn.Module):
+  """The torch fixture's ConvBN2d as a backbone: NCHW input, tap `conv` [H', W', 4]."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Conv(4, (3, 3), strides=2, padding=((1, 1), (1, 1)), name="conv")(
+        jnp.transpose(x, (0, 2, 3, 1)))
+    h = nn.BatchNorm(use_running_average=not train, epsilon=1e-5, name="bn")(h)
+    h = nn.relu(h)
+    return nn.Dense(5, name="fc")(h.mean(axis=(1, 2))), {"conv": h}
+
+  @staticmethod
+  def variables_from_torch(state_dict, like, source):
+    return torch_import.to_variables(state_dict, [("conv", "conv", "conv"), ("bn", "bn", "bn"),
+                                                  ("fc", "fc", "linear")], like, source=source)
+
+
+def get_torch_dataset(config) -> Dataset:
+  with np.load(FIXTURES / "convbn.npz") as z:
+    x = z["x"]                                          # [2, 3, 6, 5] NCHW
+  split = ArraySplit({"Pic": x}, np.array([0, 1], np.int32))
+  return Dataset({"train": split, "val": split, "test": split}, 5, fingerprint="fixture")
+
+
+def test_torch_checkpoint_is_converted_once_and_extracted(tmp_path, monkeypatch):
+  c = config(source="tests.test_prepare:get_torch_dataset")
+  c.data.modalities = ("Pic",)
+  c.data.channels, c.data.lengths = {"Pic": (4,)}, {"Pic": (1,)}
+  del c.backbones["Img"], c.backbones["Vec"]
+  c.backbones.Pic = common.backbone("tests.test_prepare:TorchConvBN", weights="torch",
+                                    checkpoint=os.fspath(FIXTURES / "convbn_zip.pth"))
+  c.model.num_classes, c.prepare.probe_examples = 5, 0
+  prepare.run_prepare(c, tmp_path)
+  with np.load(FIXTURES / "convbn.npz") as z:
+    x, y = z["x"], z["y"]
+  module = TorchConvBN()
+  variables, meta = bb.restore_backbone(tmp_path / "backbones" / "Pic", module,
+                                        InputSpec((3, 6, 5), "float32"))
+  logits, taps = module.apply(variables, x)
+  np.testing.assert_allclose(logits, y, rtol=1e-5, atol=1e-6)       # PyTorch's own output
+  fs = shards.read_feature_set(tmp_path / "features", "quadrants")
+  np.testing.assert_allclose(fs.splits["test"].features["Pic_1"][:, :, 0],
+                             np.asarray(taps["conv"]).max(axis=(1, 2)), rtol=1e-6)
+  assert meta["spec"]["weights"] == "torch" and meta["spec"]["checkpoint_sha256"]
+  monkeypatch.setattr(torch_import, "load_state_dict", None)       # not read again
+  assert prepare.run_prepare(c, tmp_path)["reused"] is True
+
+
+# ------------------------------------------------------------------ entry points
+
+def _run(module, *args, cwd=None):
+  import subprocess
+  import sys
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                        cwd=cwd or pathlib.Path(__file__).parents[1])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.search.epoch=3"], 'Did you mean "epochs"'),
+    (["--config=experiments/configs/absent.py"], "experiments/configs/absent.py"),
+    (["--config.data.source=mypkg.data:get"], "config.data.source='mypkg.data:get': no module"),
+    (["--config.backbones.Image.taps=('conv1','conv3')"], "config.backbones.Image.taps"),
+])
+def test_bad_input_is_one_line_through_the_entry_point(tmp_path, args, message):
+  out = _run("experiments.main", f"--workdir={tmp_path / 'run'}", *args)
+  assert out.returncode == 1
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert "Traceback" not in out.stderr and lines[-1].startswith("error: ")
+  assert message in lines[-1], out.stderr
+  assert not (tmp_path / "run" / "features").exists()
+
+
+def test_check_data_cli(tmp_path):
+  args = ["--config=tests/data_config.py", "--config.data.source=tests.test_prepare:get_bad_dataset"]
+  bad = _run("experiments.check_data", *args)
+  assert bad.returncode == 1 and "error: 2 bad example(s)" in bad.stderr
+  report = json.loads(bad.stdout)
+  assert [b["file"] for b in report["bad"]] == ["/data/train/0005.bin", "/data/train/0007.bin"]
+  ok = _run("experiments.check_data", *args, "--config.data.skip_bad=True")
+  assert ok.returncode == 0 and json.loads(ok.stdout)["good"]["train"] == 94

@@ -7,12 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from bmnas_jax import checkpoint, loop
+from bmnas_jax import loop
 from bmnas_jax.data import shards
 from bmnas_jax.data.planted import make_planted
 from bmnas_jax.evaluate import run_evaluate
 from bmnas_jax.search import run_search, seed_keys
-from tests.conftest import planted_config
+from tests.conftest import Killed, planted_config
 
 NAME = "planted_test"
 BLOCK = 3                  # divides none of the batch counts below
@@ -131,28 +131,18 @@ def test_evaluate_streamed_equals_in_memory(runs):
   assert _files(os.path.join(str_dir, "evaluate")) == _files(os.path.join(mem_dir, "evaluate"))
 
 
-class _Killed(Exception):
-  pass
-
-
-def test_streamed_stop_and_resume_gives_identical_results(runs, data, tmp_path, monkeypatch):
+def test_streamed_stop_and_resume_gives_identical_results(runs, data, tmp_path,
+                                                          die_after_checkpoint):
   ref_dir, ref = runs("evaluate", "epoch", True)
   genotype = runs("search", "epoch", False)[1].genotype
   _, data_dir = data
   cut_dir = str(tmp_path / "cut")
-  real_save = checkpoint.Checkpointer.save
-
-  def save_then_die(self, step, state, meta):
-    real_save(self, step, state, meta)
-    if step == 1:
-      raise _Killed()
-
   c = _config()
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
-  with pytest.raises(_Killed):
+  die_after_checkpoint(1)
+  with pytest.raises(Killed):
     run_evaluate(c, shards.open_shards(data_dir, NAME), genotype, cut_dir)   # dies after epoch 1
   assert not os.path.exists(os.path.join(cut_dir, "evaluate", "metrics.json"))
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
+  die_after_checkpoint(None)
   resumed = run_evaluate(c, shards.open_shards(data_dir, NAME), genotype, cut_dir)  # epoch 2
   assert _strip_seconds(_read_jsonl(os.path.join(cut_dir, "evaluate", "metrics.jsonl"))) == \
       _strip_seconds(_read_jsonl(os.path.join(ref_dir, "evaluate", "metrics.jsonl")))

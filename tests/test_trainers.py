@@ -11,12 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from bmnas_jax import checkpoint, pipeline
+from bmnas_jax import pipeline
 from bmnas_jax.data.planted import planted_features
 from bmnas_jax.search import run_search
-from tests.conftest import planted_config
-
-PLANTED = ("A_2", "B_3")
+from tests.conftest import Killed, planted_config
 
 
 def _strip_seconds(records):
@@ -26,51 +24,6 @@ def _strip_seconds(records):
 def _read_jsonl(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="module")
-def planted_run(tmp_path_factory):
-  """Five seeds searched and evaluated together (the module's reference run)."""
-  c = planted_config(**{"seeds": 5, "search.epochs": 5, "evaluate.epochs": 4})
-  workdir = str(tmp_path_factory.mktemp("planted"))
-  return c, workdir, pipeline.run(c, workdir)
-
-
-def test_planted_pair_found_and_beats_chance(planted_run):
-  c, workdir, res = planted_run
-  search, ev = res["search"], res["evaluate"]
-  names = [tuple(g.upper_name(u) for u in g.cells[0].inputs) for g in search.best_genotypes]
-  assert sum(sorted(n) == sorted(PLANTED) for n in names) >= 4, names
-  assert search.epoch_traces == 1 and ev["epoch_traces"] == 1       # compiled once each
-  assert ev["final_test"]["mean"] > 0.6                             # chance is 0.25
-  assert len(ev["final_test"]["values"]) == 5
-  assert ev["val_selected"]["val_held_out"] is False                # retrained on train+val
-
-
-def test_planted_run_writes_its_files(planted_run):
-  _, workdir, res = planted_run
-  s = os.path.join(workdir, "search")
-  lines = _read_jsonl(os.path.join(s, "metrics.jsonl"))
-  assert [r["epoch"] for r in lines] == list(range(5))
-  for key in ("train_loss", "arch_loss", "val_loss", "val_metric", "arch_entropy", "seconds"):
-    assert key in lines[0]
-  assert len(lines[0]["val_metric"]) == 5
-  assert os.path.exists(os.path.join(s, "genotypes", "epoch_004_seed_4.json"))
-  for k in range(5):
-    assert os.path.exists(os.path.join(s, f"best_genotype_seed_{k}.json"))
-  summary = json.load(open(os.path.join(s, "summary.json")))
-  assert summary["chosen_seed"] == int(np.argmax(summary["best_val_metric"]))
-  assert summary["agreement"]["cells"][0]["inputs"]
-  hist = json.load(open(os.path.join(s, "arch_history.json")))
-  alpha = np.asarray(hist["softmax"][-1][0]["cell_0"]["alpha"])     # epoch, seed
-  np.testing.assert_allclose(alpha.sum(-1), 1.0, atol=1e-5)
-  ev = json.load(open(os.path.join(workdir, "evaluate", "metrics.json")))
-  assert ev["final_test"]["mean"] == pytest.approx(res["evaluate"]["final_test"]["mean"])
-  assert len(_read_jsonl(os.path.join(workdir, "evaluate", "metrics.jsonl"))) == 4
-
-
-class _Killed(Exception):
-  pass
 
 
 REF_EPOCHS = 4
@@ -97,20 +50,13 @@ def _assert_same_run(ref_dir, other_dir):
     assert a[key] == b[key]
 
 
-def test_stop_and_resume_gives_identical_results(reference, tmp_path, monkeypatch):
+def test_stop_and_resume_gives_identical_results(reference, tmp_path, die_after_checkpoint):
   c, ref_dir, _ = reference
   cut_dir = str(tmp_path / "cut")
-  real_save = checkpoint.Checkpointer.save
-
-  def save_then_die(self, step, state, meta):
-    real_save(self, step, state, meta)
-    if step == 1:
-      raise _Killed()
-
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
-  with pytest.raises(_Killed):
+  die_after_checkpoint(1)
+  with pytest.raises(Killed):
     pipeline.run(c, cut_dir)                       # dies after search epoch 1
-  monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
+  die_after_checkpoint(None)
   pipeline.run(c, cut_dir)                         # resumes at epoch 2
   _assert_same_run(ref_dir, cut_dir)
 

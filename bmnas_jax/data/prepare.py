@@ -200,14 +200,15 @@ def plan_modalities(config, ds: Dataset) -> list[Modality]:
 
 # ------------------------------------------------------------------ weights
 
-def _read_arrays(ds: Dataset, split: str, modalities: Sequence[str], specs, skip_bad: bool,
-                 workers: int) -> tuple[dict[str, np.ndarray], np.ndarray, list[dict]]:
-  """A whole split in memory (for backbone training): inputs, labels, bad examples."""
-  xs, ys, bad = {m: [] for m in modalities}, [], []
-  s = ds.splits[split]
-  for i, inputs, label in tqdm.tqdm(
-      read_examples(s, range(len(s)), modalities, specs, ds.label_kind, ds.num_classes,
-                    workers), total=len(s), desc=f"read {split}", unit="ex", leave=False):
+def _read_good(ds: Dataset, split: str, indices: Sequence[int], modalities: Sequence[str],
+               specs, skip_bad: bool, workers: int, bar: tqdm.tqdm
+               ) -> tuple[dict[str, list[np.ndarray]], list, list[int], list[dict]]:
+  """The good examples among `indices`: inputs per modality, labels, their indices, and
+  the bad ones (a bad example stops here unless `skip_bad`)."""
+  xs, ys, kept, bad = {m: [] for m in modalities}, [], [], []
+  for i, inputs, label in read_examples(ds.splits[split], indices, modalities, specs,
+                                        ds.label_kind, ds.num_classes, workers):
+    bar.update(1)
     if inputs is None:
       bad.append(_bad_record(split, i, label))
       _maybe_raise_bad(bad, skip_bad)
@@ -215,7 +216,17 @@ def _read_arrays(ds: Dataset, split: str, modalities: Sequence[str], specs, skip
     for m in modalities:
       xs[m].append(inputs[m])
     ys.append(label)
-  return {m: np.stack(v) for m, v in xs.items()}, np.stack(ys), bad
+    kept.append(i)
+  return xs, ys, kept, bad
+
+
+def _read_arrays(ds: Dataset, split: str, modalities: Sequence[str], specs, skip_bad: bool,
+                 workers: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """A whole split in memory (for backbone training): inputs and labels."""
+  n = len(ds.splits[split])
+  with tqdm.tqdm(total=n, desc=f"read {split}", unit="ex", leave=False) as bar:
+    xs, ys, _, _ = _read_good(ds, split, range(n), modalities, specs, skip_bad, workers, bar)
+  return {m: np.stack(v) for m, v in xs.items()}, np.stack(ys)
 
 
 def _bad_record(split: str, index: int, err: BadExample) -> dict:
@@ -356,19 +367,8 @@ def _extract_chunk(mods: Sequence[Modality], variables: Mapping[str, Any], ds: D
                    bar: tqdm.tqdm) -> dict[str, np.ndarray]:
   """One chunk's pooled features, labels, logits and bad examples, as npz arrays."""
   names = [m.name for m in mods]
-  specs = {m.name: m.input for m in mods}
-  xs, ys, kept, bad = {m: [] for m in names}, [], [], []
-  for i, inputs, label in read_examples(ds.splits[split], indices, names, specs, ds.label_kind,
-                                        ds.num_classes, settings["read_workers"]):
-    bar.update(1)
-    if inputs is None:
-      bad.append(_bad_record(split, i, label))
-      _maybe_raise_bad(bad, skip_bad)
-      continue
-    for m in names:
-      xs[m].append(inputs[m])
-    ys.append(label)
-    kept.append(i)
+  xs, ys, kept, bad = _read_good(ds, split, indices, names, {m.name: m.input for m in mods},
+                                 skip_bad, settings["read_workers"], bar)
   arrays: dict[str, np.ndarray] = {"__bad__": np.asarray(json.dumps(bad)),
                                    "__index__": np.asarray(kept, np.int64)}
   if not kept:
