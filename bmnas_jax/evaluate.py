@@ -56,8 +56,8 @@ def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Ge
   loop.rows_of(fs, ("val", "test"), "the evaluation")
   batch = ec.batch_size
   nb = loop.num_batches(n_train, batch, "config.evaluate.batch_size")
-  w_tx = optim.weight_optimizer(ec.weight_opt, n_train / batch, ec.epochs * nb)
-  steps = Steps(model, fs.label_kind, w_tx, None, config.metric.name, config.metric.threshold)
+  w_tx = optim.weight_optimizer_from_config(config, ec.weight_opt, n_train, batch, ec.epochs)
+  steps = Steps.from_config(model, fs.label_kind, w_tx, None, config)
   val_held_out = "val" not in ec.train_splits
 
   def plan(key, epoch):

@@ -71,7 +71,8 @@ def cosine_warm_restarts_table(eta_max: float, eta_min: float, t_i: float, t_mul
 
 
 def cosine_warm_restarts(eta_max: float, eta_min: float, t_i: float, t_mult: float,
-                         batches_per_epoch: float, total_steps: int) -> optax.Schedule:
+                         batches_per_epoch: float, total_steps: int,
+                         steps_per_epoch: int | None = None) -> optax.Schedule:
   """Per-batch cosine annealing with warm restarts, as in the BM-NAS release.
 
   The release calls its scheduler's `step()` (and copies the new rate into the
@@ -91,6 +92,11 @@ def cosine_warm_restarts(eta_max: float, eta_min: float, t_i: float, t_mult: flo
     t_mult: factor applied to the cycle length at each restart.
     batches_per_epoch: `dataset_size / batch_size` (need not be an integer).
     total_steps: number of updates the run makes (the table's length).
+    steps_per_epoch: with the release's epoch accounting: the updates a run here
+      makes per epoch (full batches only). The release also trains on the last,
+      partial batch, so its scheduler advances `ceil(batches_per_epoch)` times per
+      epoch; update `s` of epoch `e` then takes the release's rate for batch
+      `e * ceil(batches_per_epoch) + s`. None: the table is read by update count.
 
   Returns:
     An `optax.Schedule`: int count (scalar) -> float32 rate (scalar).
@@ -98,13 +104,22 @@ def cosine_warm_restarts(eta_max: float, eta_min: float, t_i: float, t_mult: flo
   _check_positive_int("total_steps", total_steps)
   if not batches_per_epoch > 0:
     raise ValueError(f"batches_per_epoch must be > 0, got {batches_per_epoch!r}")
+  release_per_epoch = math.ceil(batches_per_epoch - 1e-9)
+  if steps_per_epoch is not None and steps_per_epoch != release_per_epoch:
+    _check_positive_int("steps_per_epoch", steps_per_epoch)
+    epochs = -(-int(total_steps) // int(steps_per_epoch))
+    length = epochs * release_per_epoch
+    index = lambda count: ((count // steps_per_epoch) * release_per_epoch
+                           + count % steps_per_epoch)
+  else:
+    length, index = int(total_steps), lambda count: count
   table_np = cosine_warm_restarts_table(float(eta_max), float(eta_min), t_i, t_mult,
-                                        float(batches_per_epoch), int(total_steps))
+                                        float(batches_per_epoch), length)
   table = jnp.asarray(table_np, dtype=jnp.float32)
-  last = int(total_steps) - 1
+  last = length - 1
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    return table[jnp.clip(count, 0, last)]
+    return table[jnp.clip(index(count), 0, last)]
 
   return schedule
 
@@ -173,7 +188,8 @@ def _betas(opt_cfg: Any, where: str, defaults: dict[str, float]) -> tuple[float,
   return b1, b2
 
 
-def weight_schedule(opt_cfg: Any, batches_per_epoch: float, total_steps: int) -> optax.Schedule:
+def weight_schedule(opt_cfg: Any, batches_per_epoch: float, total_steps: int,
+                    steps_per_epoch: int | None = None) -> optax.Schedule:
   """The weight optimizer's learning-rate schedule from its config.
 
   Args:
@@ -181,6 +197,7 @@ def weight_schedule(opt_cfg: Any, batches_per_epoch: float, total_steps: int) ->
       `t_i`, `t_mult`; see `weight_optimizer`.
     batches_per_epoch: `dataset_size / batch_size` of the split trained on.
     total_steps: number of weight updates in the run.
+    steps_per_epoch: see `cosine_warm_restarts` (the release's epoch accounting).
 
   Returns:
     The `optax.Schedule` (see `cosine_warm_restarts`).
@@ -202,11 +219,12 @@ def weight_schedule(opt_cfg: Any, batches_per_epoch: float, total_steps: int) ->
       isinstance(batches_per_epoch, numeric) and batches_per_epoch > 0):
     raise ValueError(f"{where}: batches_per_epoch must be > 0, got {batches_per_epoch!r}")
   _check_positive_int("total_steps", total_steps)
-  return cosine_warm_restarts(lr_max, lr_min, t_i, t_mult, batches_per_epoch, total_steps)
+  return cosine_warm_restarts(lr_max, lr_min, t_i, t_mult, batches_per_epoch, total_steps,
+                              steps_per_epoch)
 
 
-def weight_optimizer(opt_cfg: Any, batches_per_epoch: float,
-                     total_steps: int) -> optax.GradientTransformation:
+def weight_optimizer(opt_cfg: Any, batches_per_epoch: float, total_steps: int,
+                     steps_per_epoch: int | None = None) -> optax.GradientTransformation:
   """PyTorch-style Adam with L2 decay and the release's cosine schedule.
 
   Args:
@@ -216,6 +234,8 @@ def weight_optimizer(opt_cfg: Any, batches_per_epoch: float,
     batches_per_epoch: `dataset_size / batch_size` of the split trained on
       (a float, as in the release).
     total_steps: number of weight updates in the run.
+    steps_per_epoch: the release's epoch accounting (`cosine_warm_restarts`); None
+      reads the schedule by update count.
 
   Returns:
     The `optax.GradientTransformation`.
@@ -224,7 +244,7 @@ def weight_optimizer(opt_cfg: Any, batches_per_epoch: float,
     ValueError: naming the key that is missing or invalid.
   """
   where = "weight optimizer"
-  schedule = weight_schedule(opt_cfg, batches_per_epoch, total_steps)
+  schedule = weight_schedule(opt_cfg, batches_per_epoch, total_steps, steps_per_epoch)
   weight_decay = _number(opt_cfg, "weight_decay", where, {})
   _require(weight_decay >= 0.0, where, "weight_decay", ">= 0", weight_decay)
   b1, b2 = _betas(opt_cfg, where, WEIGHT_DEFAULTS)
@@ -253,3 +273,13 @@ def arch_optimizer(opt_cfg: Optional[Any] = None) -> optax.GradientTransformatio
   _require(weight_decay >= 0.0, where, "weight_decay", ">= 0", weight_decay)
   b1, b2 = _betas(opt_cfg, where, ARCH_DEFAULTS)
   return torch_adam_l2(lr, b1=b1, b2=b2, weight_decay=weight_decay)
+
+
+def weight_optimizer_from_config(config, opt_cfg: Any, n_train: int, batch_size: int,
+                                 epochs: int) -> optax.GradientTransformation:
+  """`weight_optimizer` for a trainer: `n_train / batch_size` batches per epoch as the
+  release counts them, `epochs * (n_train // batch_size)` updates (full batches), and
+  the release's epoch accounting under `config.fidelity='reference'`."""
+  steps_per_epoch = n_train // batch_size
+  return weight_optimizer(opt_cfg, n_train / batch_size, epochs * steps_per_epoch,
+                          steps_per_epoch if config.fidelity == "reference" else None)

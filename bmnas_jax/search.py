@@ -144,9 +144,9 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResu
   batch = sc.batch_size
   nb_train = loop.num_batches(n_train, batch, "config.search.batch_size")
   nb_val = loop.num_batches(n_val, batch, "config.search.batch_size")
-  w_tx = optim.weight_optimizer(sc.weight_opt, n_train / batch, sc.epochs * nb_train)
+  w_tx = optim.weight_optimizer_from_config(config, sc.weight_opt, n_train, batch, sc.epochs)
   a_tx = optim.arch_optimizer(sc.arch_opt)
-  steps = Steps(model, fs.label_kind, w_tx, a_tx, config.metric.name, config.metric.threshold)
+  steps = Steps.from_config(model, fs.label_kind, w_tx, a_tx, config)
 
   def plan(key, epoch):
     k_perm_t, k_perm_v, k_w, k_a = jax.random.split(jax.random.fold_in(key, epoch), 4)

@@ -80,11 +80,14 @@ class Steps:
     model: a Flax module called as `model.apply(variables, x, train)`.
     label_kind: `single` or `multi`.
     w_tx, a_tx: optax transforms for params and arch (a_tx unused when fixed).
+    metric, threshold: the evaluation metric and the multi-label decision threshold.
+    zero_division: F1 of a class with no true and no predicted positives (scikit-learn's
+      convention; 1.0 is the original release's `zero_division=1`).
   """
 
   def __init__(self, model: nn.Module, label_kind: str, w_tx: optax.GradientTransformation,
                a_tx: optax.GradientTransformation | None = None, metric: str = "accuracy",
-               threshold: float = 0.3):
+               threshold: float = 0.3, zero_division: float = 0.0):
     if metric not in METRICS:
       raise ConfigError(f"config.metric.name={metric!r}; valid: {', '.join(METRICS)}")
     if label_kind == "single" and metric != "accuracy":
@@ -94,7 +97,16 @@ class Steps:
     self.model, self.label_kind = model, label_kind
     self.loss = loss_fn(label_kind)
     self.w_tx, self.a_tx = w_tx, a_tx
-    self.metric, self.threshold = metric, threshold
+    self.metric, self.threshold, self.zero_division = metric, threshold, zero_division
+
+  @classmethod
+  def from_config(cls, model: nn.Module, label_kind: str, w_tx: optax.GradientTransformation,
+                  a_tx: optax.GradientTransformation | None, config) -> "Steps":
+    """The steps with `config.metric` (name, threshold); F1 with the release's
+    `zero_division=1` under `config.fidelity='reference'`, scikit-learn's default 0
+    otherwise."""
+    return cls(model, label_kind, w_tx, a_tx, config.metric.name, config.metric.threshold,
+               1.0 if config.fidelity == "reference" else 0.0)
 
   def init_state(self, key: jax.Array, sample_x) -> TrainState:
     """A fresh state for one seed: model variables from `key` (params and dropout
@@ -164,5 +176,5 @@ class Steps:
     if self.metric == "accuracy":
       value = metrics.accuracy_from_counts(counts)
     else:
-      value = metrics.f1_from_counts(counts, self.metric.split("_", 1)[1])
+      value = metrics.f1_from_counts(counts, self.metric.split("_", 1)[1], self.zero_division)
     return {"loss": sums["loss_sum"] / jnp.maximum(sums["n"], 1), "metric": value}

@@ -1,10 +1,13 @@
-"""Writes the PyTorch checkpoint fixtures of test_torch_import.py (needs torch; tests never do).
+"""Writes the PyTorch fixtures of test_torch_import.py and test_nets_mmimdb.py (needs torch).
 
 Run with a Python that has torch and numpy (torch is not a dependency of this
-project), e.g.:
+project; tests never import it), e.g.:
 
   python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch numpy
-  /tmp/torchenv/bin/python tests/make_torch_fixtures.py
+  /tmp/torchenv/bin/python tests/make_torch_fixtures.py [--only checkpoints|mmimdb]
+
+The two parts are seeded independently: `--only mmimdb` rewrites the MM-IMDB
+backbone fixtures and leaves the checkpoint fixtures' bytes alone.
 
 Writes into tests/fixtures/torch/, each checkpoint in the zip format (`*_zip.pth`,
 torch >= 1.6) and/or the legacy format (`*_legacy.pth`, `_use_new_zipfile_serialization
@@ -21,6 +24,15 @@ torch >= 1.6) and/or the legacy format (`*_legacy.pth`, `_use_new_zipfile_serial
     state dict without the prefix.
   convbn_zip.pth, convbn.npz: ConvBN2d's state dict; `x` (NCHW input), `y` (eval output).
   conv3d_legacy.pth, conv3d.npz: ConvBN3d's state dict; `x` (NCDHW input), `y`.
+MM-IMDB backbones (part `mmimdb`, the release's models/central/mmimdb.py at small sizes):
+  vgg19_legacy.pth, vgg19.npz: a VGG19 (`features` from cfg 'E' with block widths
+    VGG_WIDTHS, plus a small `classifier` the converter must ignore); `x` int16 NCHW
+    [2, 3, 96, 64] (integers, as the release's images), the taps `relu4_1`, `relu4_4`,
+    `relu5_3`, `pool5` (features 20, 26, 33, 36; NCHW).
+  maxout_zip.pth, maxout.npz: MaxOutMLP(3 outputs, 12 in, hidden 4, k 5); `x` [6, 12]
+    and eval outputs `o1`, `o3`, `o5`; `train_o1`, `train_o3`, `train_o5`: the same
+    weights with dropout 0 in train mode, and `train_<bn>.running_mean|running_var`
+    (bn `op2.0`, `op4.0`) the running stats after that one forward.
 """
 
 import argparse
@@ -61,6 +73,68 @@ class ConvBN3d(nn.Module):
     return self.head(torch.relu(self.features(x)).mean(dim=(2, 3, 4)))
 
 
+VGG_WIDTHS = (4, 4, 8, 8, 8)          # torchvision's are (64, 128, 256, 512, 512)
+VGG_BLOCK_CONVS = (2, 2, 4, 4, 4)     # cfg 'E'
+VGG_TAPS = {"relu4_1": 20, "relu4_4": 26, "relu5_3": 33, "pool5": 36}   # the release's
+
+
+class VGG19(nn.Module):
+  """torchvision's VGG19 layout: `features` (cfg 'E', convs 3x3 pad 1 + ReLU, max-pools
+  2x2) and a three-layer `classifier` (keys classifier.0/.3/.6), at the given widths."""
+
+  def __init__(self, widths, hidden=6, num_classes=5):
+    super().__init__()
+    layers, c = [], 3
+    for convs, width in zip(VGG_BLOCK_CONVS, widths):
+      for _ in range(convs):
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(inplace=True)]
+        c = width
+      layers.append(nn.MaxPool2d(2, 2))
+    self.features = nn.Sequential(*layers)
+    self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+    self.classifier = nn.Sequential(nn.Linear(c * 49, hidden), nn.ReLU(True), nn.Dropout(),
+                                    nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(),
+                                    nn.Linear(hidden, num_classes))
+
+  def taps(self, x):
+    """The outputs of the `features` layers named in VGG_TAPS."""
+    out, index = {}, {i: name for name, i in VGG_TAPS.items()}
+    for i, layer in enumerate(self.features):
+      x = layer(x)
+      if i in index:
+        out[index[i]] = x.clone()
+    return out
+
+
+class Maxout(nn.Module):
+  """Linear(d, m * k) viewed as (..., m, k), max over k."""
+
+  def __init__(self, d, m, k):
+    super().__init__()
+    self.m, self.k = m, k
+    self.lin = nn.Linear(d, m * k)
+
+  def forward(self, x):
+    return self.lin(x).view(*x.shape[:-1], self.m, self.k).max(dim=-1)[0]
+
+
+class MaxOutMLP(nn.Module):
+  """The release's MaxOut_MLP; forward returns (o1, o3, o5)."""
+
+  def __init__(self, num_outputs, in_features, hidden, k, p):
+    super().__init__()
+    self.op1 = Maxout(in_features, hidden, k)
+    self.op2 = nn.Sequential(nn.BatchNorm1d(hidden), nn.Dropout(p))
+    self.op3 = Maxout(hidden, 2 * hidden, k)
+    self.op4 = nn.Sequential(nn.BatchNorm1d(2 * hidden), nn.Dropout(p))
+    self.hid2val = nn.Linear(2 * hidden, num_outputs)
+
+  def forward(self, x):
+    o1 = self.op1(x)
+    o3 = self.op3(self.op2(o1))
+    return o1, o3, self.hid2val(self.op4(o3))
+
+
 def bits(t):
   """What a test compares the loaded array with (bit patterns where numpy lacks the dtype)."""
   if t.dtype == torch.bfloat16:
@@ -96,8 +170,8 @@ def randomise_bn(bn, g):
     bn.num_batches_tracked.fill_(7)
 
 
-def main():
-  OUT.mkdir(parents=True, exist_ok=True)
+def make_checkpoint_fixtures():
+  """The fixtures of test_torch_import.py (generator seed 0)."""
   g = torch.Generator().manual_seed(0)
 
   base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
@@ -166,6 +240,61 @@ def main():
     np.savez(OUT / f"{name}.npz", x=x.numpy(), y=y.numpy())
     assert torch.load(path, weights_only=True).keys() == net.state_dict().keys()
 
+
+def make_mmimdb_fixtures():
+  """The MM-IMDB backbone fixtures of test_nets_mmimdb.py (generator seed 1)."""
+  g = torch.Generator().manual_seed(1)
+
+  vgg = VGG19(VGG_WIDTHS)
+  with torch.no_grad():
+    for name, p in vgg.named_parameters():
+      if name.endswith("weight"):                     # He-scaled: activations stay O(input)
+        p.copy_(torch.randn(p.shape, generator=g) * (2.0 / p[0].numel()) ** 0.5)
+      else:
+        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+  vgg.eval()
+  x = torch.randint(-128, 128, (2, 3, 96, 64), generator=g, dtype=torch.int16)
+  with torch.no_grad():
+    taps = vgg.taps(x.float())
+  path = save(vgg.state_dict(), "vgg19_legacy.pth", legacy=True)
+  np.savez(OUT / "vgg19.npz", x=x.numpy(), **{k: v.numpy() for k, v in taps.items()})
+  assert torch.load(path, weights_only=True).keys() == vgg.state_dict().keys()
+
+  sizes = dict(num_outputs=3, in_features=12, hidden=4, k=5)
+  net = MaxOutMLP(**sizes, p=0.5)
+  with torch.no_grad():
+    for p in net.parameters():
+      p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+  for bn in (net.op2[0], net.op4[0]):
+    randomise_bn(bn, g)
+  net.eval()
+  x = torch.randn(6, 12, generator=g)
+  with torch.no_grad():
+    o1, o3, o5 = net(x)
+  path = save(net.state_dict(), "maxout_zip.pth", legacy=False)
+  assert torch.load(path, weights_only=True).keys() == net.state_dict().keys()
+  no_dropout = MaxOutMLP(**sizes, p=0.0)
+  no_dropout.load_state_dict(net.state_dict())
+  no_dropout.train()
+  with torch.no_grad():
+    t1, t3, t5 = no_dropout(x)
+  stats = {f"train_{name}": v.numpy() for name, v in no_dropout.state_dict().items()
+           if "running" in name}
+  np.savez(OUT / "maxout.npz", x=x.numpy(), o1=o1.numpy(), o3=o3.numpy(), o5=o5.numpy(),
+           train_o1=t1.numpy(), train_o3=t3.numpy(), train_o5=t5.numpy(), **stats)
+
+
+PARTS = {"checkpoints": make_checkpoint_fixtures, "mmimdb": make_mmimdb_fixtures}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", choices=sorted(PARTS), help="write only this part")
+  args = parser.parse_args()
+  OUT.mkdir(parents=True, exist_ok=True)
+  for name, make in PARTS.items():
+    if args.only in (None, name):
+      make()
   for path in sorted(OUT.iterdir()):
     print(f"{path.name:24s} {os.path.getsize(path):6d} bytes")
   print(f"torch {torch.__version__}, numpy {np.__version__}")

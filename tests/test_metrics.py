@@ -220,3 +220,22 @@ def test_counts_are_additive(y_true, y_pred, split):
   for key in whole:
     np.testing.assert_array_equal(summed[key], whole[key], err_msg=key)
   np.testing.assert_array_equal(whole["support"], y_true.sum(0))
+
+
+def test_reference_fidelity_scores_f1_with_zero_division_one():
+  """The release calls scikit-learn with zero_division=1: classes without true and
+  predicted positives score 1 (it moves macro F1, not weighted)."""
+  import ml_collections
+  import optax
+  from bmnas_jax.steps import Steps
+  y = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0]], np.float32)   # classes 2, 3: none
+  logits = np.array([[2., -2, -2, -2], [-2, 2, -2, -2], [2, -2, -2, -2]], np.float32)
+  counts = metrics.multilabel_counts(jnp.asarray(logits), jnp.asarray(y), 0.3)
+  sums = {"loss_sum": jnp.float32(0), "n": jnp.int32(3), "counts": counts}
+  pred = (1 / (1 + np.exp(-logits)) > 0.3).astype(int)
+  for fidelity, zd in (("paper", 0), ("reference", 1)):
+    c = ml_collections.ConfigDict({"fidelity": fidelity,
+                                   "metric": {"name": "f1_macro", "threshold": 0.3}})
+    steps = Steps.from_config(None, "multi", optax.sgd(1.0), None, c)
+    want = sklearn.metrics.f1_score(y, pred, average="macro", zero_division=zd)
+    assert float(steps.finish_eval(sums)["metric"]) == pytest.approx(want, abs=1e-6)

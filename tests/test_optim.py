@@ -161,3 +161,33 @@ def test_schedule_arguments_checked():
     optim.weight_optimizer(weight_cfg(), 0.0, 8)
   with pytest.raises(ValueError, match="total_steps"):
     optim.weight_optimizer(weight_cfg(), 4.0, 0)
+
+
+def test_release_epoch_accounting_realigns_the_schedule():
+  """The release also trains on the last, partial batch (ceil(n / B) scheduler steps per
+  epoch); with full batches only, update s of epoch e takes its batch e * ceil + s."""
+  n, b, epochs = 1000, 96, 3                  # 10.42 batches: 10 full, 11 with the partial
+  table = optim.cosine_warm_restarts_table(1e-3, 1e-6, 1, 2, n / b, epochs * 11)
+  sched = optim.cosine_warm_restarts(1e-3, 1e-6, 1, 2, n / b, epochs * 10, steps_per_epoch=10)
+  counts = np.arange(epochs * 10)
+  want = table[(counts // 10) * 11 + counts % 10]
+  np.testing.assert_allclose(jax.vmap(sched)(jnp.asarray(counts)), want, rtol=1e-6)
+  plain = optim.cosine_warm_restarts(1e-3, 1e-6, 1, 2, n / b, epochs * 10)
+  assert float(plain(10)) == pytest.approx(table[10]) != pytest.approx(table[11])
+  # An integer number of batches per epoch: both accountings agree.
+  exact = optim.cosine_warm_restarts(1e-3, 1e-6, 1, 2, 10.0, 30, steps_per_epoch=10)
+  np.testing.assert_array_equal(jax.vmap(exact)(jnp.arange(30)),
+                                jax.vmap(optim.cosine_warm_restarts(1e-3, 1e-6, 1, 2, 10.0, 30))(
+                                    jnp.arange(30)))
+  # Through the trainers' constructor: Adam on a constant gradient steps by the rate.
+  opt = ml_collections.ConfigDict(dict(lr_max=1e-3, lr_min=1e-6, weight_decay=0.0, t_i=1,
+                                       t_mult=2))
+  for fidelity, used in (("reference", [*range(10), 11]), ("paper", list(range(11)))):
+    c = ml_collections.ConfigDict({"fidelity": fidelity})
+    tx = optim.weight_optimizer_from_config(c, opt, n, b, epochs)
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    for _ in range(11):                      # the 11th update is epoch 1's first
+      updates, state = tx.update({"w": jnp.ones(())}, state, params)
+      params = optax.apply_updates(params, updates)
+    assert float(params["w"]) == pytest.approx(-table[used].sum(), rel=1e-4)

@@ -29,6 +29,8 @@ import orbax.checkpoint as ocp
 
 from bmnas_jax import metrics as metrics_lib
 from bmnas_jax.checkpoint import swap_dir_into_place
+from bmnas_jax.data.nets.maxout import MaxoutMLP
+from bmnas_jax.data.nets.vgg import VGG19
 from bmnas_jax.data.source import InputSpec, resolve
 from bmnas_jax.errors import ConfigError, DataError
 from bmnas_jax.steps import loss_fn
@@ -115,6 +117,8 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "digit_cnn": DigitCNN,
     "shape_mlp": ShapeMLP,
     "stacked_features": StackedFeatures,
+    "vgg19": VGG19,
+    "maxout_mlp": MaxoutMLP,
 }
 
 

@@ -254,6 +254,16 @@ def _checkpoint_fingerprint(path: pathlib.Path) -> str:
   return "sha256:" + h.hexdigest()
 
 
+def checkpoint_path(checkpoint: str, config) -> pathlib.Path:
+  """A backbone checkpoint's path: a relative one is looked up in `config.data.root`
+  (where the paper datasets keep the release's checkpoints), else the current folder."""
+  path = pathlib.Path(checkpoint).expanduser()
+  root = str(config.data.get("root", "") or "")
+  if not path.is_absolute() and root:
+    path = pathlib.Path(root).expanduser() / path
+  return path.absolute()
+
+
 def _weights_spec(mod: Modality, config, data_fp: str) -> dict[str, Any]:
   """What an export must have been made from to be reused."""
   spec = {"weights": mod.weights, "backbone": mod.backbone, "kwargs": mod.kwargs,
@@ -270,7 +280,7 @@ def _weights_spec(mod: Modality, config, data_fp: str) -> dict[str, Any]:
   elif mod.weights == "init":
     spec["seed"] = mod.training["seed"]
   else:
-    path = pathlib.Path(mod.checkpoint).expanduser().absolute()
+    path = checkpoint_path(mod.checkpoint, config)
     if not path.exists():
       raise ConfigError(f"{mod.key}.checkpoint={mod.checkpoint!r}: {path} does not exist")
     spec.update(checkpoint=os.fspath(path), checkpoint_sha256=_checkpoint_fingerprint(path))

@@ -47,7 +47,12 @@ class Example:
 
 
 class SplitSource(Protocol):
-  """What a split must offer: its length and random access to examples."""
+  """What a split must offer: its length and random access to examples.
+
+  A split may also offer `example(index, modalities) -> Example` with only the
+  named modalities' inputs, so that reading one modality (e.g. to train its
+  backbone) does not decode the others.
+  """
 
   def __len__(self) -> int:
     ...
@@ -242,9 +247,12 @@ def read_examples(split: Any, indices: Sequence[int], modalities: Sequence[str],
   With `workers > 1` the examples are read by that many threads (decoders of
   images and videos release the GIL), still yielded in order.
   """
+  partial = getattr(split, "example", None)
+
   def one(i: int):
     try:
-      inputs, label = check_example(split[int(i)], modalities, specs, label_kind, num_classes)
+      ex = partial(int(i), tuple(modalities)) if partial else split[int(i)]
+      inputs, label = check_example(ex, modalities, specs, label_kind, num_classes)
     except BadExample as e:
       return int(i), None, BadExample(e.file or example_file(split, int(i)), e.reason)
     return int(i), inputs, label

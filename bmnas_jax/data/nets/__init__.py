@@ -1,0 +1,1 @@
+"""Backbones of the paper's datasets, with converters from the original PyTorch weights."""

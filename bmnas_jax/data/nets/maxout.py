@@ -1,0 +1,100 @@
+"""The release's MaxOut_MLP on mean word2vec vectors, the MM-IMDB text backbone."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bmnas_jax.data import torch_import
+
+
+class TorchBatchNorm(nn.Module):
+  """BatchNorm1d over the last axis of `[n, C]` with PyTorch's semantics.
+
+  Train mode normalises with the batch mean and biased variance and, unless
+  initialising, updates the running stats with the batch mean and the UNBIASED
+  variance (`n / (n - 1)`), as torch does: `running = momentum * running +
+  (1 - momentum) * batch` (Flax momentum 0.9 is torch's 0.1). Eval mode uses the
+  running stats. Variables: params `scale`, `bias`; batch_stats `mean`, `var` [C].
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Args: x: `[n, C]`. Returns: `[n, C]`."""
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if train:
+      n = x.shape[0]
+      if n < 2:
+        raise ValueError(f"TorchBatchNorm in train mode needs more than 1 example per "
+                         f"channel, got input shape {x.shape}")
+      mean, var = jnp.mean(x, axis=0), jnp.var(x, axis=0)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean
+        ra_var.value = m * ra_var.value + (1 - m) * var * (n / (n - 1))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+class Maxout(nn.Module):
+  """`Linear(D, features * pieces)` (submodule `lin`), viewed as `[..., features, pieces]`
+  (unit o takes outputs o*pieces .. o*pieces + pieces - 1), max over the pieces."""
+  features: int
+  pieces: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x: `[..., D]`. Returns: `[..., features]`."""
+    h = nn.Dense(self.features * self.pieces, name="lin")(x)
+    return h.reshape(*h.shape[:-1], self.features, self.pieces).max(axis=-1)
+
+
+class MaxoutMLP(nn.Module):
+  """The release's MaxOut_MLP: Maxout(D -> hidden) `op1` -> BN `op2` -> Dropout ->
+  Maxout(hidden -> 2 hidden) `op3` -> BN `op4` -> Dropout -> Linear `hid2val` to classes.
+
+  Submodules are named as the torch attributes (`op2`/`op4` are torch's `op2.0`/`op4.0`).
+  Dropout is active only with `train=True` (rng 'dropout'); BatchNorm as `TorchBatchNorm`.
+
+  Taps, float32: `maxout1` `[n, hidden]` (op1's output) and `maxout2` `[n, 2 hidden]`
+  (op3's output), each before its own BatchNorm, as the release's o1 and o3.
+  """
+  num_classes: int = 23
+  hidden: int = 64
+  pieces: int = 5
+  dropout: float = 0.5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False):
+    """Args: x: `[n, D]`. Returns: logits `[n, num_classes]`, taps."""
+    if x.ndim != 2:
+      raise ValueError(f"MaxoutMLP expects [n, D] vectors, got shape {x.shape}")
+    o1 = Maxout(self.hidden, self.pieces, name="op1")(jnp.asarray(x, jnp.float32))
+    h = TorchBatchNorm(name="op2")(o1, train)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    o3 = Maxout(2 * self.hidden, self.pieces, name="op3")(h)
+    h = TorchBatchNorm(name="op4")(o3, train)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    logits = nn.Dense(self.num_classes, name="hid2val")(h)
+    return logits, {"maxout1": o1, "maxout2": o3}
+
+  @staticmethod
+  def variables_from_torch(state_dict: Mapping[str, np.ndarray], like: Mapping[str, Any],
+                           source: str = "<state dict>") -> dict[str, Any]:
+    """Variables from a MaxOut_MLP state dict: `op1.lin`, `op2.0` (BN), `op3.lin`,
+    `op4.0` (BN), `hid2val`; a missing, extra or mis-shaped key raises a DataError."""
+    rules = [("op1/lin", "op1.lin", "linear"), ("op2", "op2.0", "bn"),
+             ("op3/lin", "op3.lin", "linear"), ("op4", "op4.0", "bn"),
+             ("hid2val", "hid2val", "linear")]
+    return torch_import.to_variables(state_dict, rules, like, source=source)
