@@ -52,7 +52,8 @@ def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Ge
   block = loop.stream_block(config)
   model = fixed_net_from_config(config, fs.nodes, genotype, dropout=ec.dropout)
   train_splits = tuple(ec.train_splits)
-  n_train = loop.rows_of(fs, train_splits, "config.evaluate.train_splits")
+  train_rows = loop.ViewRows(fs, train_splits, "config.evaluate.train_splits")
+  n_train = train_rows.examples
   loop.rows_of(fs, ("val", "test"), "the evaluation")
   batch = ec.batch_size
   nb = loop.num_batches(n_train, batch, "config.evaluate.batch_size")
@@ -62,7 +63,8 @@ def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Ge
 
   def plan(key, epoch):
     k_perm, k_w = jax.random.split(jax.random.fold_in(key, epoch))
-    return (({"train": loop.shuffled_batches(k_perm, n_train, batch, nb)}, k_w),)
+    rows = loop.shuffled_batches(k_perm, n_train, batch, nb)
+    return (({"train": train_rows(rows, jax.random.fold_in(k_perm, 1))}, k_w),)
 
   phases = (loop.Phase(loop.grouped("w", steps.weight_step, "train"), {"train": train_splits},
                        nb, ("w",)),)

@@ -102,19 +102,52 @@ def check_data(data) -> None:
 
 
 def split_sizes(data) -> dict[str, int]:
-  """Split name -> examples, of a FeatureSet or a ShardSource."""
+  """Split name -> records, of a FeatureSet or a ShardSource."""
   if isinstance(data, FeatureSet):
     return {k: len(v) for k, v in data.splits.items()}
   return dict(data.split_sizes)
 
 
 def rows_of(data, names, what: str) -> int:
-  """Examples in the concatenation of splits `names`; a missing split names `what` needs it."""
+  """Records in the concatenation of splits `names`; a missing split names `what` needs it."""
   sizes = split_sizes(data)
   missing = [n for n in names if n not in sizes]
   if missing:
     raise DataError(f"{what} needs split(s) {missing}; the features have {sorted(sizes)}")
   return sum(sizes[n] for n in names)
+
+
+class ViewRows:
+  """Examples of splits concatenated in order -> their records.
+
+  A split stored with K augmented views of each training example holds K records per
+  example (example-major, `FeatureSet.views`); every epoch takes one view of each
+  example, drawn from the epoch's key. With one view everywhere the map is the identity.
+
+  Attributes:
+    examples: examples in the concatenation (the size of an epoch's permutation).
+  """
+
+  def __init__(self, data, names: tuple[str, ...], what: str):
+    sizes = split_sizes(data)
+    rows_of(data, names, what)
+    views = dict(getattr(data, "views", {}) or {})
+    self.views = [int(views.get(n, 1)) for n in names]
+    counts = [sizes[n] // k for n, k in zip(names, self.views)]
+    self.examples = sum(counts)
+    self._example_start = np.cumsum([0] + counts)[:-1]
+    self._record_start = np.cumsum([0] + [sizes[n] for n in names])[:-1]
+
+  def __call__(self, idx: jax.Array, key: jax.Array) -> jax.Array:
+    """Record rows of the example indices `idx` (int `[...]`), one random view each."""
+    if all(k == 1 for k in self.views):
+      return idx
+    starts = jnp.asarray(self._example_start)
+    part = jnp.searchsorted(starts, idx, side="right") - 1
+    k = jnp.asarray(self.views)[part]
+    view = jax.random.randint(key, idx.shape, 0, 1 << 30) % k
+    return (jnp.asarray(self._record_start)[part] + (idx - starts[part]) * k
+            + view).astype(idx.dtype)
 
 
 def stream_block(config) -> int:

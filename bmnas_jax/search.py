@@ -139,7 +139,8 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResu
   nodes = fs.nodes
   names = [n.name for n in nodes]
   model = hypernet_from_config(config, nodes)
-  n_train = loop.rows_of(fs, ("train",), "the search")
+  train_rows = loop.ViewRows(fs, ("train",), "the search")
+  n_train = train_rows.examples
   n_val = loop.rows_of(fs, ("val",), "the search")
   batch = sc.batch_size
   nb_train = loop.num_batches(n_train, batch, "config.search.batch_size")
@@ -150,7 +151,8 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResu
 
   def plan(key, epoch):
     k_perm_t, k_perm_v, k_w, k_a = jax.random.split(jax.random.fold_in(key, epoch), 4)
-    idx_t = loop.shuffled_batches(k_perm_t, n_train, batch, nb_train)
+    idx_t = train_rows(loop.shuffled_batches(k_perm_t, n_train, batch, nb_train),
+                       jax.random.fold_in(k_perm_t, 1))
     idx_v = loop.shuffled_batches(k_perm_v, n_val, batch, nb_val)
     if sc.alternation == "epoch":
       return ({"train": idx_t}, k_w), ({"val": idx_v}, k_a)

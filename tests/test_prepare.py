@@ -8,6 +8,7 @@ import pathlib
 import shutil
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -362,3 +363,61 @@ def test_check_data_cli(tmp_path):
   assert [b["file"] for b in report["bad"]] == ["/data/train/0005.bin", "/data/train/0007.bin"]
   ok = _run("experiments.check_data", *args, "--config.data.skip_bad=True")
   assert ok.returncode == 0 and json.loads(ok.stdout)["good"]["train"] == 94
+
+
+# ------------------------------------------------------------------ training views
+
+class _Views(ArraySplit):
+  """An ArraySplit whose view v adds 10 * v to the vector input (view 0: as stored)."""
+
+  def example(self, i, modalities, view=0):
+    ex = self[i]
+    return Example({m: ex.inputs[m] + (10.0 * view if m == "Vec" else 0) for m in modalities},
+                   ex.label)
+
+
+def get_views_dataset(config) -> Dataset:
+  ds = get_dataset(config)
+  return Dataset({k: _Views(v.inputs, v.labels) for k, v in ds.splits.items()}, 3,
+                 fingerprint="views-v1")
+
+
+def test_training_views_are_stored_example_major_and_drawn_per_epoch(tmp_path):
+  from bmnas_jax import loop
+  c = config(source="tests.test_prepare:get_views_dataset")
+  c.backbones.Img.weights = "init"
+  c.data.train_views = 3
+  c.prepare.probe_examples = 0
+  out = prepare.run_prepare(c, tmp_path)
+  assert out["split_sizes"] == {"train": 288, "val": 48, "test": 48}
+  fs = shards.read_feature_set(tmp_path / "features", "quadrants")
+  assert fs.views == {"train": 3}
+  # Record i * 3 + (v - 1) is view v of example i: the Vec backbone's first tap differs.
+  ds = get_views_dataset(c)
+  module = bb.make_backbone("shape_mlp", {"num_classes": 3, "hidden": (8, 4)})
+  variables, _ = bb.restore_backbone(tmp_path / "backbones" / "Vec", module,
+                                     InputSpec((5,), "float32"))
+  for v in (1, 3):
+    x = ds.splits["train"].example(7, ("Vec",), v).inputs["Vec"][None]
+    _, taps = module.apply(variables, x)
+    np.testing.assert_allclose(fs.splits["train"].features["Vec_1"][7 * 3 + v - 1, :, 0],
+                               np.asarray(taps["hidden1"])[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(fs.splits["train"].labels[21:24],
+                                [ds.splits["train"].labels[7]] * 3)
+  # Each epoch takes one view of every example; train + val concatenated for retraining.
+  rows = loop.ViewRows(fs, ("train", "val"), "test")
+  assert rows.examples == 96 + 48
+  idx = jnp.arange(144)
+  a, b = (np.asarray(rows(idx, jax.random.key(s))) for s in (0, 1))
+  assert np.all(a[:96] // 3 == np.arange(96)) and np.all(a[96:] == 288 + np.arange(48))
+  assert set(a[:96] % 3) == {0, 1, 2} and not np.array_equal(a, b)
+  val_idx = idx[:48]
+  assert loop.ViewRows(fs, ("val",), "test")(val_idx, jax.random.key(0)) is val_idx
+  # The search runs on the views (one compiled epoch, the draw inside it).
+  from bmnas_jax.search import run_search
+  c.seeds = 1
+  result = run_search(c, fs, os.fspath(tmp_path / "search"))
+  assert np.isfinite(result.history[0]["train_loss"]).all()
+  c.data.train_views = 0
+  with pytest.raises(ConfigError, match="config.data.train_views=0"):
+    prepare.run_prepare(c, tmp_path)

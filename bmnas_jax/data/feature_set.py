@@ -50,12 +50,15 @@ class FeatureSet:
     label_kind: `single` (softmax cross-entropy) or `multi` (sigmoid BCE).
     num_classes: K.
     class_names: optional names of the K classes.
+    views: split -> records per example (augmented views of a training example,
+      stored example-major: record `i * K + v` is view v of example i); 1 if absent.
   """
   nodes: tuple[NodeSpec, ...]
   splits: dict[str, Split]
   label_kind: str
   num_classes: int
   class_names: tuple[str, ...] = ()
+  views: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def node_names(self) -> tuple[str, ...]:

@@ -201,23 +201,32 @@ def plan_modalities(config, ds: Dataset) -> list[Modality]:
 # ------------------------------------------------------------------ weights
 
 def _read_good(ds: Dataset, split: str, indices: Sequence[int], modalities: Sequence[str],
-               specs, skip_bad: bool, workers: int, bar: tqdm.tqdm
+               specs, skip_bad: bool, workers: int, bar: tqdm.tqdm, views: Sequence[int] = (0,)
                ) -> tuple[dict[str, list[np.ndarray]], list, list[int], list[dict]]:
-  """The good examples among `indices`: inputs per modality, labels, their indices, and
-  the bad ones (a bad example stops here unless `skip_bad`)."""
-  xs, ys, kept, bad = {m: [] for m in modalities}, [], [], []
-  for i, inputs, label in read_examples(ds.splits[split], indices, modalities, specs,
-                                        ds.label_kind, ds.num_classes, workers):
-    bar.update(1)
-    if inputs is None:
-      bad.append(_bad_record(split, i, label))
-      _maybe_raise_bad(bad, skip_bad)
-      continue
-    for m in modalities:
-      xs[m].append(inputs[m])
-    ys.append(label)
-    kept.append(i)
-  return xs, ys, kept, bad
+  """The good examples among `indices`: inputs per modality and labels, one record per
+  view of each (example-major), their indices, and the bad ones (a bad example stops
+  here unless `skip_bad`; an example bad in any view is left out whole)."""
+  got, bad = [], {}
+  for view in views:
+    good = {}
+    for i, inputs, label in read_examples(ds.splits[split], indices, modalities, specs,
+                                          ds.label_kind, ds.num_classes, workers, view):
+      if inputs is None:
+        bad.setdefault(i, _bad_record(split, i, label))
+        _maybe_raise_bad(list(bad.values()), skip_bad)
+      else:
+        good[i] = (inputs, label)
+    got.append(good)
+  bar.update(len(indices))
+  kept = [int(i) for i in indices if i not in bad]
+  xs, ys = {m: [] for m in modalities}, []
+  for i in kept:
+    for good in got:
+      inputs, label = good[i]
+      for m in modalities:
+        xs[m].append(inputs[m])
+      ys.append(label)
+  return xs, ys, kept, list(bad.values())
 
 
 def _read_arrays(ds: Dataset, split: str, modalities: Sequence[str], specs, skip_bad: bool,
@@ -373,12 +382,13 @@ def _write_npz_atomic(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> N
 
 
 def _extract_chunk(mods: Sequence[Modality], variables: Mapping[str, Any], ds: Dataset,
-                   split: str, indices: range, settings, skip_bad: bool,
-                   bar: tqdm.tqdm) -> dict[str, np.ndarray]:
-  """One chunk's pooled features, labels, logits and bad examples, as npz arrays."""
+                   split: str, indices: range, settings, skip_bad: bool, bar: tqdm.tqdm,
+                   views: Sequence[int] = (0,)) -> dict[str, np.ndarray]:
+  """One chunk's pooled features, labels, logits and bad examples, as npz arrays (one
+  record per view of every good example, example-major)."""
   names = [m.name for m in mods]
   xs, ys, kept, bad = _read_good(ds, split, indices, names, {m.name: m.input for m in mods},
-                                 skip_bad, settings["read_workers"], bar)
+                                 skip_bad, settings["read_workers"], bar, views)
   arrays: dict[str, np.ndarray] = {"__bad__": np.asarray(json.dumps(bad)),
                                    "__index__": np.asarray(kept, np.int64)}
   if not kept:
@@ -389,9 +399,9 @@ def _extract_chunk(mods: Sequence[Modality], variables: Mapping[str, Any], ds: D
       settings["batch_size"])
   for mod in mods:
     for node, (tap, _, _) in zip(mod.nodes, mod.taps):
-      finite = np.isfinite(feats[node.name]).reshape(len(kept), -1).all(axis=1)
+      finite = np.isfinite(feats[node.name]).reshape(len(ys), -1).all(axis=1)
       if not finite.all():
-        j = int(np.argmin(finite))
+        j = int(np.argmin(finite)) // len(views)
         raise DataError(f"{mod.key}: tap {tap!r} (node {node.name}) gives NaN/inf for "
                         f"{split} example {kept[j]} (check the input and the weights)")
   arrays.update({f"node/{k}": v for k, v in feats.items()})
@@ -445,13 +455,23 @@ def _gather(staging, split: str, n: int, chunk: int, key: str, rows: np.ndarray 
 def fingerprint(mods: Sequence[Modality], metas: Mapping[str, dict], config, ds: Dataset,
                 data_fp: str) -> dict[str, Any]:
   """Everything the stored features depend on."""
-  return _json_form({"format": FINGERPRINT_FORMAT, "data": data_fp, "label_kind": ds.label_kind,
-          "num_classes": int(ds.num_classes),
-          "skip_bad": bool(config.data.get("skip_bad", False)),
-          "modalities": {m.name: {"backbone": m.backbone, "kwargs": m.kwargs,
-                                  "input": m.input.to_json(),
-                                  "checkpoint_id": metas[m.name]["content_id"],
-                                  "taps": [list(t) for t in m.taps]} for m in mods}})
+  return _json_form({
+      "format": FINGERPRINT_FORMAT, "data": data_fp, "label_kind": ds.label_kind,
+      "num_classes": int(ds.num_classes), "skip_bad": bool(config.data.get("skip_bad", False)),
+      "views": split_views(config),
+      "modalities": {m.name: {"backbone": m.backbone, "kwargs": m.kwargs,
+                              "input": m.input.to_json(),
+                              "checkpoint_id": metas[m.name]["content_id"],
+                              "taps": [list(t) for t in m.taps]} for m in mods}})
+
+
+def split_views(config) -> dict[str, list[int]]:
+  """The views stored per split: `config.data.train_views = K > 1` stores K augmented
+  views (1..K) of every training example; every other split (and K = 1) view 0."""
+  k = config.data.get("train_views", 1)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"config.data.train_views={k!r} must be a positive int")
+  return {s: list(range(1, k + 1)) if s == "train" and k > 1 else [0] for s in SPLITS}
 
 
 def _stored_fingerprint(data_dir: pathlib.Path, name: str) -> dict | None:
@@ -491,6 +511,7 @@ def run_prepare(config, workdir: str | os.PathLike) -> dict[str, Any]:
   write_json_atomic(staging / "fingerprint.json", fp)
   chunk = settings["chunk_size"]
   sizes = {s: len(ds.splits[s]) for s in SPLITS}
+  views = split_views(config)
   start = time.perf_counter()
   computed = 0
   for split in SPLITS:
@@ -502,15 +523,16 @@ def run_prepare(config, workdir: str | os.PathLike) -> dict[str, Any]:
         bar.update(hi - lo)
         continue
       _write_npz_atomic(path, _extract_chunk(mods, variables, ds, split, range(lo, hi),
-                                             settings, skip_bad, bar))
+                                             settings, skip_bad, bar, views[split]))
       computed += hi - lo
     bar.close()
   seconds = time.perf_counter() - start
 
   bad = [b for s in SPLITS for p in _chunks(staging, s, sizes[s], chunk)
          for b in json.loads(str(_read_chunk_key(p, "__bad__")))]
-  kept = {s: sum(_read_chunk_key(p, "__index__").size
-                 for p in _chunks(staging, s, sizes[s], chunk)) for s in SPLITS}
+  kept = {s: len(views[s]) * sum(_read_chunk_key(p, "__index__").size
+                                 for p in _chunks(staging, s, sizes[s], chunk))
+          for s in SPLITS}                   # records: one per stored view of an example
   labels = {s: _gather(staging, s, sizes[s], chunk, "__label__") for s in SPLITS}
   for s in SPLITS:
     if not kept[s]:
@@ -522,13 +544,15 @@ def run_prepare(config, workdir: str | os.PathLike) -> dict[str, Any]:
   nodes = [n for m in mods for n in m.nodes]
   user = {"prepare": fp, "dataset": ds.description or str(config.data.source)}
   stored = shards.stored_metadata(nodes, ds.label_kind, ds.num_classes, ds.class_names,
-                                  "int32" if ds.label_kind == "single" else "float32", kept, user)
+                                  "int32" if ds.label_kind == "single" else "float32", kept, user,
+                                  {s: len(v) for s, v in views.items()})
   node_names = [n.name for n in nodes]
   shards.write_examples(
       stored, {s: (lambda s=s: _split_rows(staging, s, sizes[s], chunk, node_names))
                for s in SPLITS}, data_dir, name, VERSION)
   summary = {"dataset": name, "source": str(config.data.source),
              "description": ds.description, "split_sizes": kept, "source_sizes": sizes,
+             "views": {s: len(v) for s, v in views.items()},
              "bad_examples": bad, "extraction_seconds": round(seconds, 3),
              "examples_extracted_now": computed,
              "examples_per_second": round(computed / seconds, 1) if seconds > 0 else None,

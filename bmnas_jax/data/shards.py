@@ -146,7 +146,8 @@ def _check_name_version(name: str, version: str) -> None:
 
 def stored_metadata(nodes: Sequence[NodeSpec], label_kind: str, num_classes: int,
                     class_names: Sequence[str], label_dtype: str, split_sizes: Mapping[str, int],
-                    metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    metadata: Mapping[str, Any] | None = None,
+                    views: Mapping[str, int] | None = None) -> dict[str, Any]:
   """Checks and returns the JSON metadata stored next to the shards.
 
   Args:
@@ -157,6 +158,8 @@ def stored_metadata(nodes: Sequence[NodeSpec], label_kind: str, num_classes: int
     label_dtype: the dtype labels are given back in (e.g. `int32`).
     split_sizes: split -> examples.
     metadata: the caller's JSON-serializable dict (`user_metadata`).
+    views: split -> records per example (augmented training views, example-major);
+      a split's size must be a multiple of it.
   """
   unknown = sorted(set(split_sizes) - set(SPLITS))
   if unknown:
@@ -172,6 +175,11 @@ def stored_metadata(nodes: Sequence[NodeSpec], label_kind: str, num_classes: int
   if class_names and len(class_names) != num_classes:
     raise ShardError(f"feature set to write: {len(class_names)} class_names for "
                      f"num_classes {num_classes}")
+  views = {str(k): int(v) for k, v in (views or {}).items() if int(v) != 1}
+  for split, k in views.items():
+    if k < 1 or split_sizes.get(split, 0) % k:
+      raise ShardError(f"feature set to write: split {split!r} has {split_sizes.get(split)} "
+                       f"records, not a multiple of its {k} views")
   user = dict(metadata or {})
   try:
     json.dumps(user, allow_nan=False)
@@ -188,6 +196,7 @@ def stored_metadata(nodes: Sequence[NodeSpec], label_kind: str, num_classes: int
       "class_names": [str(c) for c in class_names],
       "label_dtype": str(label_dtype),
       "split_sizes": {name: int(n) for name, n in split_sizes.items()},
+      "views": views,
       "user_metadata": user,
   }
 
@@ -279,7 +288,7 @@ def write_shards(feature_set: FeatureSet, data_dir: str | os.PathLike, name: str
                      f"{sorted(label_dtypes)}")
   stored = stored_metadata(fs.nodes, fs.label_kind, fs.num_classes, fs.class_names,
                            label_dtypes.pop() if label_dtypes else "int64",
-                           {k: len(v) for k, v in fs.splits.items()}, metadata)
+                           {k: len(v) for k, v in fs.splits.items()}, metadata, fs.views)
 
   def rows(split: Split) -> Iterator[dict[str, Any]]:
     for i in range(len(split)):
@@ -485,6 +494,11 @@ class ShardSource:
     return tuple(self.meta["class_names"])
 
   @property
+  def views(self) -> dict[str, int]:
+    """Split -> records per example (see `FeatureSet.views`)."""
+    return {str(k): int(v) for k, v in (self.meta.get("views") or {}).items()}
+
+  @property
   def node_names(self) -> tuple[str, ...]:
     return tuple(n.name for n in self.nodes)
 
@@ -580,8 +594,8 @@ def read_feature_set(data_dir: str | os.PathLike, name: str, version: str | None
   splits = {split_name: _split_to_array(opened, split_name)
             for split_name in SPLITS if split_name in opened.split_sizes}
   fs = FeatureSet(nodes=opened.nodes, splits=splits, label_kind=opened.label_kind,
-                  num_classes=opened.num_classes,
-                  class_names=tuple(opened.meta["class_names"]))
+                  num_classes=opened.num_classes, class_names=opened.class_names,
+                  views=opened.views)
   try:
     fs.validate(where=f"dataset {opened.path}")
   except ValueError as e:

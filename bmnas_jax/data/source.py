@@ -15,6 +15,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import json
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
@@ -49,9 +50,11 @@ class Example:
 class SplitSource(Protocol):
   """What a split must offer: its length and random access to examples.
 
-  A split may also offer `example(index, modalities) -> Example` with only the
-  named modalities' inputs, so that reading one modality (e.g. to train its
-  backbone) does not decode the others.
+  A split may also offer `example(index, modalities, view=0) -> Example` with only
+  the named modalities' inputs, so that reading one modality (e.g. to train its
+  backbone) does not decode the others; a train split that takes `view` makes
+  training-time augmented views (`view >= 1`, reproducible per index and view) for
+  `config.data.train_views`.
   """
 
   def __len__(self) -> int:
@@ -240,18 +243,26 @@ def example_file(split: Any, index: int) -> str:
 
 def read_examples(split: Any, indices: Sequence[int], modalities: Sequence[str],
                   specs: Mapping[str, InputSpec] | None, label_kind: str, num_classes: int,
-                  workers: int = 1) -> Iterator[tuple[int, dict[str, np.ndarray] | None, Any]]:
+                  workers: int = 1, view: int = 0
+                  ) -> Iterator[tuple[int, dict[str, np.ndarray] | None, Any]]:
   """Yields `(index, inputs, label)` for good examples and `(index, None, BadExample)`
   for bad ones (unreadable or malformed), in the order of `indices`.
 
   With `workers > 1` the examples are read by that many threads (decoders of
-  images and videos release the GIL), still yielded in order.
+  images and videos release the GIL), still yielded in order. `view > 0` reads
+  augmented view `view` of each example (`split.example(i, modalities, view)`).
   """
   partial = getattr(split, "example", None)
+  if view and (partial is None or "view" not in inspect.signature(partial).parameters):
+    raise ConfigError("config.data.train_views > 1, but the dataset's train split makes no "
+                      "augmented views (it has no example(index, modalities, view))")
 
   def one(i: int):
     try:
-      ex = partial(int(i), tuple(modalities)) if partial else split[int(i)]
+      if view:
+        ex = partial(int(i), tuple(modalities), view=view)
+      else:
+        ex = partial(int(i), tuple(modalities)) if partial else split[int(i)]
       inputs, label = check_example(ex, modalities, specs, label_kind, num_classes)
     except BadExample as e:
       return int(i), None, BadExample(e.file or example_file(split, int(i)), e.reason)

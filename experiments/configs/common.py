@@ -48,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
                                     # an import path 'package.module:function'
   c.data.root = ""                  # the dataset's files (for datasets read from disk)
   c.data.skip_bad = False           # leave bad examples out (listed) instead of stopping
+  c.data.train_views = 1            # augmented views stored per training example (K > 1:
+                                    # the dataset's views 1..K; each epoch draws one)
   c.data.modalities = ()
   c.data.channels = ml_collections.ConfigDict()   # modality -> C_in per tapped feature
   c.data.length = 8                 # L_in of the stored (pooled) features
