@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -283,3 +283,15 @@ def weight_optimizer_from_config(config, opt_cfg: Any, n_train: int, batch_size:
   steps_per_epoch = n_train // batch_size
   return weight_optimizer(opt_cfg, n_train / batch_size, epochs * steps_per_epoch,
                           steps_per_epoch if config.fidelity == "reference" else None)
+
+
+def freeze(tx: optax.GradientTransformation,
+           frozen: Callable[[tuple[str, ...]], bool]) -> optax.GradientTransformation:
+  """`tx` for every parameter but those whose path (tuple of dict keys) `frozen`
+  selects: their updates are zero (no weight decay either), so they keep their init."""
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if frozen(tuple(str(getattr(k, "key", k)) for k in path))
+        else "train", params)
+
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

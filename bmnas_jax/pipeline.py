@@ -26,9 +26,34 @@ def parse_stages(spec: str) -> tuple[str, ...]:
   return stages
 
 
+def with_fidelity(config):
+  """`config` with `config.reference` (a nested dict of keys to replace) applied when
+  `config.fidelity == 'reference'`: the original release's hard-coded settings that
+  differ from a dataset config's defaults (e.g. NTU's retraining weight decay)."""
+  overrides = config.get("reference", None)
+  if config.get("fidelity") != "reference" or not overrides:
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    _update(config, overrides, "config")
+    del config["reference"]
+  return config
+
+
+def _update(node, overrides, where: str) -> None:
+  for key, value in overrides.items():
+    if key not in node:
+      raise ConfigError(f"config.reference: {where}.{key} is not a config key")
+    if hasattr(value, "items"):
+      _update(node[key], value, f"{where}.{key}")
+    else:
+      node[key] = value
+
+
 def run(config, workdir: str) -> dict:
   """Runs `config.stages` in `workdir`; returns each stage's result."""
   workdir = os.path.abspath(workdir)
+  config = with_fidelity(config)
   stages = parse_stages(config.stages)
   os.makedirs(workdir, exist_ok=True)
   results = {}

@@ -107,7 +107,8 @@ def fingerprint(config) -> dict:
   parts = {"data": c.data, "model": c.model, "fidelity": c.fidelity, "seed": c.seed,
            "seeds": c.seeds, "search_batch": c.search.batch_size,
            "alternation": c.search.alternation, "weight_opt": c.search.weight_opt,
-           "arch_opt": c.search.arch_opt, "metric": c.metric}
+           "arch_opt": c.search.arch_opt, "metric": c.metric,
+           "train_reshape": c.search.get("train_reshape", True)}
   fp = {k: json.loads(v.to_json()) if hasattr(v, "to_json") else v for k, v in parts.items()}
   fp["data"] = {k: v for k, v in fp["data"].items() if k not in DATA_ACCESS_KEYS}
   return fp
@@ -146,6 +147,8 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResu
   nb_train = loop.num_batches(n_train, batch, "config.search.batch_size")
   nb_val = loop.num_batches(n_val, batch, "config.search.batch_size")
   w_tx = optim.weight_optimizer_from_config(config, sc.weight_opt, n_train, batch, sc.epochs)
+  if not sc.get("train_reshape", True):   # the release's NTU search: reshape layers stay at init
+    w_tx = optim.freeze(w_tx, lambda path: path[0].startswith("reshape_"))
   a_tx = optim.arch_optimizer(sc.arch_opt)
   steps = Steps.from_config(model, fs.label_kind, w_tx, a_tx, config)
 

@@ -12,10 +12,13 @@ import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 
-# One XLA cache for the session (and the subprocesses it starts): trainers built
-# again for the same shapes reuse the compiled programs.
+# One XLA cache for the session, its xdist workers and the subprocesses they start
+# (through the environment): trainers built again for the same shapes reuse the
+# compiled programs.
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                tempfile.mkdtemp(prefix="bmnas-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -106,3 +109,15 @@ def die_after_checkpoint(monkeypatch):
                         real_save if step is None else save_then_die)
 
   return arm
+
+
+# The slowest modules first (each runs whole on one xdist worker: --dist loadscope), so
+# that the two workers finish together.
+_SLOW_FIRST = ("test_trainers", "test_default_pipeline", "test_prepare", "test_streaming",
+               "test_ntu", "test_own_data", "test_mmimdb", "test_steps", "test_planted")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1],
+                                       len(_SLOW_FIRST)))

@@ -130,7 +130,8 @@ def test_prepare_search_evaluate_report(tmp_path):
   c.backbones.Text.epochs, c.backbones.Text.batch_size = 2, 16
   c.data.channels = {"Image": (8, 8, 8, 8), "Text": (4, 8)}
   c.prepare.probe_examples = 32
-  c.model.C, c.devices, c.seeds = 8, 1, 2
+  c.model.C, c.devices, c.seeds = 8, 1, 1
+  c.model.num_cells = c.model.multiplier = 1
   c.search.epochs = c.evaluate.epochs = 1
   c.evaluate.late_fusion = False
   c.stages = "prepare,search,evaluate,report"

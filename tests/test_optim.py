@@ -191,3 +191,31 @@ def test_release_epoch_accounting_realigns_the_schedule():
       updates, state = tx.update({"w": jnp.ones(())}, state, params)
       params = optax.apply_updates(params, updates)
     assert float(params["w"]) == pytest.approx(-table[used].sum(), rel=1e-4)
+
+
+def test_freeze_keeps_the_selected_parameters_at_their_init():
+  tx = optim.freeze(optim.torch_adam_l2(0.1, weight_decay=0.01),
+                    lambda path: path[0].startswith("reshape_"))
+  params = {"reshape_A_1": {"kernel": jnp.ones((2, 2))}, "cell_0": {"w": jnp.ones((3,))}}
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params["reshape_A_1"]["kernel"], 1.0)
+  assert np.all(np.asarray(params["cell_0"]["w"]) < 0.8)
+
+
+def test_reference_settings_apply_only_under_reference_fidelity():
+  from bmnas_jax.pipeline import with_fidelity
+  from bmnas_jax.errors import ConfigError
+  from experiments.configs import ntu
+  c = ntu.get_config()
+  assert with_fidelity(c) is c and c.search.train_reshape
+  c.fidelity = "reference"
+  r = with_fidelity(c)
+  assert not r.search.train_reshape and r.evaluate.weight_opt.weight_decay == 1e-4
+  assert c.evaluate.weight_opt.weight_decay == 3e-4 and "reference" not in r
+  c.reference = {"search": {"epoch": 3}}
+  with pytest.raises(ConfigError, match="config.search.epoch is not a config key"):
+    with_fidelity(c)

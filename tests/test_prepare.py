@@ -361,8 +361,7 @@ def test_check_data_cli(tmp_path):
   assert bad.returncode == 1 and "error: 2 bad example(s)" in bad.stderr
   report = json.loads(bad.stdout)
   assert [b["file"] for b in report["bad"]] == ["/data/train/0005.bin", "/data/train/0007.bin"]
-  ok = _run("experiments.check_data", *args, "--config.data.skip_bad=True")
-  assert ok.returncode == 0 and json.loads(ok.stdout)["good"]["train"] == 94
+  assert report["good"]["train"] == 94
 
 
 # ------------------------------------------------------------------ training views
@@ -413,11 +412,6 @@ def test_training_views_are_stored_example_major_and_drawn_per_epoch(tmp_path):
   assert set(a[:96] % 3) == {0, 1, 2} and not np.array_equal(a, b)
   val_idx = idx[:48]
   assert loop.ViewRows(fs, ("val",), "test")(val_idx, jax.random.key(0)) is val_idx
-  # The search runs on the views (one compiled epoch, the draw inside it).
-  from bmnas_jax.search import run_search
-  c.seeds = 1
-  result = run_search(c, fs, os.fspath(tmp_path / "search"))
-  assert np.isfinite(result.history[0]["train_loss"]).all()
   c.data.train_views = 0
   with pytest.raises(ConfigError, match="config.data.train_views=0"):
     prepare.run_prepare(c, tmp_path)

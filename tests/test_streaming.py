@@ -9,7 +9,7 @@ import pytest
 
 from bmnas_jax import loop
 from bmnas_jax.data import shards
-from bmnas_jax.data.planted import make_planted
+from bmnas_jax.data.planted import planted_features
 from bmnas_jax.evaluate import run_evaluate
 from bmnas_jax.search import run_search, seed_keys
 from tests.conftest import Killed, planted_config
@@ -33,10 +33,7 @@ def _config(alternation: str = "epoch"):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   """(the planted FeatureSet, the directory of its shards)."""
-  d = _config().data
-  fs = make_planted(seed=d.planted_seed, sizes=tuple(d.sizes), modalities=tuple(d.modalities),
-                    features_per_modality=len(d.channels["A"]), channels=d.channels["A"][0],
-                    length=d.length, planted=tuple(d.planted), snr=d.snr)
+  fs = planted_features(_config())
   data_dir = tmp_path_factory.mktemp("shards")
   shards.write_shards(fs, data_dir, NAME)
   return fs, str(data_dir)

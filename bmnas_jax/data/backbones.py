@@ -29,7 +29,9 @@ import orbax.checkpoint as ocp
 
 from bmnas_jax import metrics as metrics_lib
 from bmnas_jax.checkpoint import swap_dir_into_place
+from bmnas_jax.data.nets.hcn import HCN
 from bmnas_jax.data.nets.maxout import MaxoutMLP
+from bmnas_jax.data.nets.resnet3d import InflatedResNet50
 from bmnas_jax.data.nets.vgg import VGG19
 from bmnas_jax.data.source import InputSpec, resolve
 from bmnas_jax.errors import ConfigError, DataError
@@ -119,6 +121,8 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "stacked_features": StackedFeatures,
     "vgg19": VGG19,
     "maxout_mlp": MaxoutMLP,
+    "inflated_resnet50": InflatedResNet50,
+    "hcn": HCN,
 }
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import tqdm
 
 from bmnas_jax.data import datasets
-from bmnas_jax.data.feature_set import SPLITS
+from bmnas_jax.data.feature_set import split_order
 from bmnas_jax.data.source import input_specs, load_dataset, read_examples
 
 
@@ -30,7 +30,7 @@ def check_data(config, workers: int = 4) -> dict[str, Any]:
   names = list(ds.class_names) or [str(k) for k in range(ds.num_classes)]
   specs = input_specs(ds, modalities, scan=len(ds.splits["train"]))
   bad, good, counts = [], {}, {}
-  for split in SPLITS:
+  for split in split_order(ds.splits):
     source = ds.splits[split]
     tally = np.zeros(ds.num_classes, np.int64)
     for i, inputs, label in tqdm.tqdm(
@@ -46,6 +46,6 @@ def check_data(config, workers: int = 4) -> dict[str, Any]:
     good[split] = len(source) - sum(b["split"] == split for b in bad)
     counts[split] = collections.OrderedDict((names[k], int(c)) for k, c in enumerate(tally))
   return {"source": str(config.data.source), "label_kind": ds.label_kind,
-          "examples": {s: len(ds.splits[s]) for s in SPLITS}, "good": good,
+          "examples": {s: len(ds.splits[s]) for s in split_order(ds.splits)}, "good": good,
           "label_counts": counts, "inputs": {m: s.to_json() for m, s in specs.items()},
           "bad": bad}

@@ -7,5 +7,6 @@ dataset can live outside the package (see `bmnas_jax.data.source`).
 DATASETS: dict[str, str] = {
     "mfeat": "bmnas_jax.data.mfeat:get_dataset",
     "mmimdb": "bmnas_jax.data.mmimdb:get_dataset",
+    "ntu": "bmnas_jax.data.ntu:get_dataset",
     "planted": "bmnas_jax.data.planted:get_dataset",
 }

@@ -9,7 +9,15 @@ import numpy as np
 
 from bmnas_jax.errors import ConfigError, DataError
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")     # every feature set has these; it may have more
+HELD_OUT = ("val", "test")            # never trained on augmented views
+
+
+def split_order(names) -> list[str]:
+  """`train`, `val`, `test`, then any further splits (e.g. extra training data for the
+  evaluation stage) in sorted order."""
+  names = list(names)
+  return [s for s in SPLITS if s in names] + sorted(s for s in names if s not in SPLITS)
 LABEL_KINDS = ("single", "multi")
 
 

@@ -38,7 +38,8 @@ from absl import logging
 from bmnas_jax.checkpoint import write_json_atomic
 from bmnas_jax.data import backbones as bb
 from bmnas_jax.data import datasets, extract, probe, shards
-from bmnas_jax.data.feature_set import SPLITS, FeatureSet, NodeSpec, nodes_from_config
+from bmnas_jax.data.feature_set import (HELD_OUT, FeatureSet, NodeSpec, nodes_from_config,
+                                        split_order)
 from bmnas_jax.data.pooling import POOL_MODES, check_tap
 from bmnas_jax.data.source import (BadExample, Dataset, InputSpec, fingerprint_json,
                                    input_specs, load_dataset, read_examples)
@@ -458,20 +459,21 @@ def fingerprint(mods: Sequence[Modality], metas: Mapping[str, dict], config, ds:
   return _json_form({
       "format": FINGERPRINT_FORMAT, "data": data_fp, "label_kind": ds.label_kind,
       "num_classes": int(ds.num_classes), "skip_bad": bool(config.data.get("skip_bad", False)),
-      "views": split_views(config),
+      "views": split_views(config, split_order(ds.splits)),
       "modalities": {m.name: {"backbone": m.backbone, "kwargs": m.kwargs,
                               "input": m.input.to_json(),
                               "checkpoint_id": metas[m.name]["content_id"],
                               "taps": [list(t) for t in m.taps]} for m in mods}})
 
 
-def split_views(config) -> dict[str, list[int]]:
+def split_views(config, splits: Sequence[str]) -> dict[str, list[int]]:
   """The views stored per split: `config.data.train_views = K > 1` stores K augmented
-  views (1..K) of every training example; every other split (and K = 1) view 0."""
+  views (1..K) of every example of the training splits (all but val and test); val,
+  test (and everything when K = 1) view 0."""
   k = config.data.get("train_views", 1)
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
     raise ConfigError(f"config.data.train_views={k!r} must be a positive int")
-  return {s: list(range(1, k + 1)) if s == "train" and k > 1 else [0] for s in SPLITS}
+  return {s: list(range(1, k + 1)) if s not in HELD_OUT and k > 1 else [0] for s in splits}
 
 
 def _stored_fingerprint(data_dir: pathlib.Path, name: str) -> dict | None:
@@ -510,11 +512,12 @@ def run_prepare(config, workdir: str | os.PathLike) -> dict[str, Any]:
   staging.mkdir(parents=True, exist_ok=True)
   write_json_atomic(staging / "fingerprint.json", fp)
   chunk = settings["chunk_size"]
-  sizes = {s: len(ds.splits[s]) for s in SPLITS}
-  views = split_views(config)
+  splits = split_order(ds.splits)
+  sizes = {s: len(ds.splits[s]) for s in splits}
+  views = split_views(config, splits)
   start = time.perf_counter()
   computed = 0
-  for split in SPLITS:
+  for split in splits:
     paths = _chunks(staging, split, sizes[split], chunk)
     bar = tqdm.tqdm(total=sizes[split], desc=f"extract {split}", unit="ex", leave=False)
     for k, path in enumerate(paths):
@@ -528,13 +531,13 @@ def run_prepare(config, workdir: str | os.PathLike) -> dict[str, Any]:
     bar.close()
   seconds = time.perf_counter() - start
 
-  bad = [b for s in SPLITS for p in _chunks(staging, s, sizes[s], chunk)
+  bad = [b for s in splits for p in _chunks(staging, s, sizes[s], chunk)
          for b in json.loads(str(_read_chunk_key(p, "__bad__")))]
   kept = {s: len(views[s]) * sum(_read_chunk_key(p, "__index__").size
                                  for p in _chunks(staging, s, sizes[s], chunk))
-          for s in SPLITS}                   # records: one per stored view of an example
-  labels = {s: _gather(staging, s, sizes[s], chunk, "__label__") for s in SPLITS}
-  for s in SPLITS:
+          for s in splits}                   # records: one per stored view of an example
+  labels = {s: _gather(staging, s, sizes[s], chunk, "__label__") for s in splits}
+  for s in splits:
     if not kept[s]:
       raise DataError(f"config.data.source={config.data.source!r}: every {s} example is bad")
   unimodal = _unimodal(mods, metas, staging, sizes, chunk, labels, ds, config)
@@ -549,7 +552,7 @@ def run_prepare(config, workdir: str | os.PathLike) -> dict[str, Any]:
   node_names = [n.name for n in nodes]
   shards.write_examples(
       stored, {s: (lambda s=s: _split_rows(staging, s, sizes[s], chunk, node_names))
-               for s in SPLITS}, data_dir, name, VERSION)
+               for s in splits}, data_dir, name, VERSION)
   summary = {"dataset": name, "source": str(config.data.source),
              "description": ds.description, "split_sizes": kept, "source_sizes": sizes,
              "views": {s: len(v) for s, v in views.items()},

@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
 from bmnas_jax.checkpoint import swap_dir_into_place
-from bmnas_jax.data.feature_set import SPLITS, FeatureSet, NodeSpec, Split
+from bmnas_jax.data.feature_set import FeatureSet, NodeSpec, Split, split_order
 from bmnas_jax.errors import DataError
 
 FORMAT_NAME = "bmnas_jax.feature_set"
@@ -161,9 +161,9 @@ def stored_metadata(nodes: Sequence[NodeSpec], label_kind: str, num_classes: int
     views: split -> records per example (augmented training views, example-major);
       a split's size must be a multiple of it.
   """
-  unknown = sorted(set(split_sizes) - set(SPLITS))
+  unknown = sorted(s for s in split_sizes if not _NAME_RE.match(str(s)))
   if unknown:
-    raise ShardError(f"feature set to write: splits {unknown} are not among {SPLITS}")
+    raise ShardError(f"feature set to write: split names {unknown} must be snake_case")
   if not any(split_sizes.values()):
     raise ShardError("feature set to write: every split is empty")
   names = [n.name for n in nodes]
@@ -592,7 +592,7 @@ def read_feature_set(data_dir: str | os.PathLike, name: str, version: str | None
   """
   opened = open_shards(data_dir, name, version, expect_nodes=expect_nodes)
   splits = {split_name: _split_to_array(opened, split_name)
-            for split_name in SPLITS if split_name in opened.split_sizes}
+            for split_name in split_order(opened.split_sizes)}
   fs = FeatureSet(nodes=opened.nodes, splits=splits, label_kind=opened.label_kind,
                   num_classes=opened.num_classes, class_names=opened.class_names,
                   views=opened.views)

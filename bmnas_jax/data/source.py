@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import re
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -106,7 +107,8 @@ class Dataset:
 
   Attributes:
     splits: `train`, `val`, `test` -> a split source (`ArraySplit` or any object
-      with `__len__` and `__getitem__(i) -> Example`).
+      with `__len__` and `__getitem__(i) -> Example`); further snake_case splits are
+      stored too, e.g. extra training data named in `config.evaluate.train_splits`.
     num_classes: K.
     label_kind: `single` (int class ids) or `multi` (`[K]` multi-hot).
     class_names: the K class names (optional).
@@ -116,7 +118,7 @@ class Dataset:
       `prepare` knows when to extract again.
     description: one line for reports.
   """
-  splits: Mapping[str, SplitSource]
+  splits: Mapping[str, SplitSource]      # train, val, test (+ extra training splits)
   num_classes: int
   label_kind: str = "single"
   class_names: tuple[str, ...] = ()
@@ -300,6 +302,9 @@ def check_dataset(ds: Any, config, where: str) -> Dataset:
   missing = [s for s in SPLITS if s not in ds.splits]
   if missing:
     raise ConfigError(f"{where} returned no split(s) {missing}; it must return {list(SPLITS)}")
+  bad = [s for s in ds.splits if not re.fullmatch(r"[a-z][a-z0-9_]*", str(s))]
+  if bad:
+    raise ConfigError(f"{where}: split names {bad} must be snake_case")
   for name, split in ds.splits.items():
     if not (hasattr(split, "__len__") and hasattr(split, "__getitem__")):
       raise ConfigError(f"{where}: split {name!r} ({type(split).__name__}) has no __len__ and "

@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.search.weight_opt = weight_opt(1e-3, 3e-4)
   c.search.arch_opt = ml_collections.ConfigDict(dict(lr=3e-4, b1=0.5, b2=0.999,
                                                      weight_decay=1e-3))
+  c.search.train_reshape = True     # False: the reshape layers keep their init (NTU release)
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.epochs = 50

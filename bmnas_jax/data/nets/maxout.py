@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -13,31 +14,34 @@ from bmnas_jax.data import torch_import
 
 
 class TorchBatchNorm(nn.Module):
-  """BatchNorm1d over the last axis of `[n, C]` with PyTorch's semantics.
+  """BatchNorm1d/2d/3d over the last axis of `[n, ..., C]` with PyTorch's semantics.
 
-  Train mode normalises with the batch mean and biased variance and, unless
-  initialising, updates the running stats with the batch mean and the UNBIASED
-  variance (`n / (n - 1)`), as torch does: `running = momentum * running +
-  (1 - momentum) * batch` (Flax momentum 0.9 is torch's 0.1). Eval mode uses the
-  running stats. Variables: params `scale`, `bias`; batch_stats `mean`, `var` [C].
+  Statistics are taken over every axis but the last (batch and spatial axes, as
+  torch's BatchNorm over NC... inputs). Train mode normalises with the batch mean
+  and biased variance and, unless initialising, updates the running stats with the
+  batch mean and the UNBIASED variance (`m / (m - 1)`, m values per channel), as
+  torch does: `running = momentum * running + (1 - momentum) * batch` (Flax
+  momentum 0.9 is torch's 0.1). Eval mode uses the running stats. Variables:
+  params `scale`, `bias`; batch_stats `mean`, `var` [C].
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """Args: x: `[n, C]`. Returns: `[n, C]`."""
+    """Args: x: `[n, ..., C]`. Returns: the same shape."""
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     if train:
-      n = x.shape[0]
+      axes = tuple(range(x.ndim - 1))
+      n = math.prod(x.shape[:-1])
       if n < 2:
         raise ValueError(f"TorchBatchNorm in train mode needs more than 1 example per "
                          f"channel, got input shape {x.shape}")
-      mean, var = jnp.mean(x, axis=0), jnp.var(x, axis=0)
+      mean, var = jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
       if not self.is_initializing():
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * mean
