@@ -1,4 +1,4 @@
-"""Step-pair throughput of the search: weight step + arch step on random features."""
+"""Throughput: the search's step pair on random features, and a backbone's extraction."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def benchmark(config, seeds: int = 1, steps: int = 20, repeats: int = 5,
     return state, (acc["w"]["loss_sum"] + acc["a"]["loss_sum"]) / steps
 
   with jax.set_mesh(mesh):
-    states = jax.jit(jax.vmap(lambda k: st.init_state(k, sample)))(loop.shard_seeds(seed_keys(list(range(seeds)), 0),
-                                                          mesh))
+    keys = loop.shard_seeds(seed_keys(list(range(seeds)), 0), mesh)
+    states = jax.jit(jax.vmap(lambda k: st.init_state(k, sample)))(keys)
     fn = jax.jit(jax.vmap(run_one, in_axes=(0, None), spmd_axis_name=loop.SEED))
     t0 = time.perf_counter()
     compiled = fn.lower(states, data).compile()
@@ -81,3 +81,51 @@ def benchmark(config, seeds: int = 1, steps: int = 20, repeats: int = 5,
           "compile_s": round(compile_s, 2), "ms_per_step_pair": round(ms, 3),
           "samples_per_s": round(2 * batch * seeds / (ms / 1e3), 1),
           "finite": bool(np.all(np.isfinite(np.asarray(loss))))}
+
+
+def backbone_benchmark(config, modality: str, input_shape: tuple[int, ...], dtype: str,
+                       batch: int, repeats: int = 5) -> dict:
+  """Extraction throughput of `config.backbones.<modality>` on random inputs.
+
+  Times the prepare stage's compiled call (the backbone in inference mode and its
+  configured taps pooled to the nodes' `[C_in, L_in]`) on `batch` random inputs of
+  `input_shape` (without the batch axis), `repeats` calls after a warm-up, with the
+  backbone at its seeded initialization (the weights do not change the cost).
+  """
+  from bmnas_jax.data import backbones as bb
+  from bmnas_jax.data import extract
+  from bmnas_jax.data.source import InputSpec
+  b = config.backbones[modality]
+  module = bb.make_backbone(b.name, dict(b.kwargs), f"config.backbones.{modality}")
+  spec = InputSpec(tuple(int(d) for d in input_shape), str(dtype))
+  nodes = [n for n in nodes_from_config(config.data) if n.modality == modality]
+  taps = tuple(b.taps) or tuple(bb.output_shapes(module, spec)[1])
+  pools = (b.pool,) * len(taps) if isinstance(b.pool, str) else tuple(b.pool)
+  fn = extract.extraction_fn(module, tuple(zip(taps, (n.length for n in nodes), pools)))
+  variables = bb.init_variables(module, spec)
+  rng = np.random.default_rng(0)
+  x = (rng.integers(0, 256, (batch, *spec.shape)) if np.dtype(dtype).kind in "ui"
+       else rng.standard_normal((batch, *spec.shape))).astype(dtype)
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(variables, x))                     # compile + warm-up
+  first_s = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(variables, x))
+    times.append(time.perf_counter() - t0)
+  sec = statistics.median(times)
+  return {"config": config.name, "modality": modality, "backbone": b.name,
+          "kwargs": json_ready(dict(b.kwargs)), "input": list(spec.shape), "dtype": dtype,
+          "batch": batch, "backend": jax.default_backend(),
+          "params": count(variables.get("params", {})), "first_call_s": round(first_s, 2),
+          "ms_per_batch": round(sec * 1e3, 2), "examples_per_s": round(batch / sec, 2)}
+
+
+def json_ready(obj):
+  """Tuples to lists, recursively (config values for a JSON line)."""
+  if isinstance(obj, dict):
+    return {k: json_ready(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_ready(v) for v in obj]
+  return obj

@@ -12,6 +12,11 @@ from bmnas_jax.errors import InputError
 _OVERRIDE_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
 
 
+def usage_error(message: str) -> InputError:
+  """A bad combination of flags, reported like any bad input."""
+  return InputError(message)
+
+
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(1)

@@ -114,7 +114,8 @@ def die_after_checkpoint(monkeypatch):
 # The slowest modules first (each runs whole on one xdist worker: --dist loadscope), so
 # that the two workers finish together.
 _SLOW_FIRST = ("test_trainers", "test_default_pipeline", "test_prepare", "test_streaming",
-               "test_ntu", "test_own_data", "test_mmimdb", "test_steps", "test_planted")
+               "test_ntu", "test_own_data", "test_mmimdb", "test_ego", "test_steps",
+               "test_planted")
 
 
 def pytest_collection_modifyitems(items):

@@ -32,6 +32,7 @@ from bmnas_jax.checkpoint import swap_dir_into_place
 from bmnas_jax.data.nets.hcn import HCN
 from bmnas_jax.data.nets.maxout import MaxoutMLP
 from bmnas_jax.data.nets.resnet3d import InflatedResNet50
+from bmnas_jax.data.nets.resnext3d import ResNeXt3D
 from bmnas_jax.data.nets.vgg import VGG19
 from bmnas_jax.data.source import InputSpec, resolve
 from bmnas_jax.errors import ConfigError, DataError
@@ -123,6 +124,7 @@ BACKBONES: dict[str, type[nn.Module]] = {
     "maxout_mlp": MaxoutMLP,
     "inflated_resnet50": InflatedResNet50,
     "hcn": HCN,
+    "resnext3d": ResNeXt3D,
 }
 
 

@@ -31,11 +31,13 @@ def get_config():
   c.data.lengths = {"Video": (8, 8, 8, 1), "Skeleton": (8, 8, 1, 1)}
   c.backbones.Video = common.backbone(
       "inflated_resnet50",
-      {"num_classes": 60, "scale": 1 / 255, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+      {"widths": (64, 128, 256, 512), "blocks": (3, 4, 6, 3), "num_classes": 60,
+       "scale": 1 / 255, "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
       taps=("layer2", "layer3", "layer4", "pooled"), pool="first", weights="torch",
       checkpoint="rgb_8frames_83.91.checkpoint")
   c.backbones.Skeleton = common.backbone(
-      "hcn", {"num_classes": 60}, taps=("conv5", "conv6", "flat", "fc7"), pool="first",
+      "hcn", {"channels": 64, "hidden": 512, "num_classes": 60},
+      taps=("conv5", "conv6", "flat", "fc7"), pool="first",
       weights="torch", checkpoint="skeleton_32frames_85.24.checkpoint")
   c.prepare.batch_size, c.prepare.chunk_size = 16, 256
   c.model.C, c.model.L = 128, 8
