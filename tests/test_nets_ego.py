@@ -1,7 +1,6 @@
 """Tests for the EgoGesture backbone (3-D ResNeXt, RGB and depth stems) against PyTorch."""
 
 import hashlib
-import pathlib
 
 import jax
 import numpy as np
@@ -12,9 +11,9 @@ from bmnas_jax.data.nets import resnext3d
 from bmnas_jax.data.nets.resnext3d import ResNeXt3D
 from bmnas_jax.data.source import InputSpec
 from bmnas_jax.data.torch_import import load_state_dict
+from tests.parity import FIXTURES, assert_close, splitmix_bytes
 from bmnas_jax.errors import DataError
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "torch"
 # As tests/make_torch_fixtures.py (part `ego`).
 SMALL = dict(blocks=(1, 1, 1, 2), cardinality=2, widths=(4, 4, 8, 8), stem_width=4,
              num_classes=5, sample_duration=20, sample_size=60)
@@ -22,26 +21,6 @@ STEMS = {  # stem -> (checkpoint, input shape, salt, mean)
     "rgb": ("resnext_rgb_legacy.pth", (2, 20, 60, 44, 3), 1, resnext3d.RGB_MEAN),
     "depth": ("resnext_depth_zip.pth", (2, 20, 60, 44, 1), 2, resnext3d.DEPTH_MEAN),
 }
-RTOL = 1e-5
-
-
-def ego_frames(shape, salt):
-  """The fixture script's deterministic uint8 clip: the top byte of splitmix64 per index."""
-  z = (np.arange(int(np.prod(shape)), dtype=np.uint64) + np.uint64(salt << 32)
-       + np.uint64(0x9E3779B97F4A7C15))
-  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-  z = z ^ (z >> np.uint64(31))
-  return (z >> np.uint64(56)).astype(np.uint8).reshape(shape)
-
-
-def _assert_close(got, want, what: str) -> float:
-  """`got` equals `want` within RTOL relative to max |want|; returns that relative error."""
-  got, want = np.asarray(got), np.asarray(want)
-  assert got.shape == want.shape, (what, got.shape, want.shape)
-  err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-  assert err <= RTOL, f"{what}: max relative error {err:.2e}"
-  return err
 
 
 @pytest.fixture(scope="module", params=sorted(STEMS))
@@ -51,7 +30,7 @@ def small(request):
   checkpoint, shape, salt, mean = STEMS[stem]
   with np.load(FIXTURES / f"resnext_{stem}.npz") as z:
     data = {k: z[k] for k in z.files}
-  x = ego_frames(shape, salt)
+  x = splitmix_bytes(shape, salt)
   assert hashlib.sha256(x.tobytes()).hexdigest() == str(data["x_sha256"])
   module = ResNeXt3D(**SMALL, stem=stem, mean=mean)
   path = FIXTURES / checkpoint
@@ -67,10 +46,10 @@ def test_taps_match_torch(small):
   assert taps["layer4"].shape == (2, 2, 2, 2, 16)     # 20 x 60 x 44 clips: 2 x 2 x 2
   to_last = lambda a: np.moveaxis(a, 1, -1)           # torch [B, C, T, H, W] -> [B, T, H, W, C]
   for name in ("layer1", "layer2", "layer3", "layer4"):
-    _assert_close(taps[name], to_last(data[name]), f"{stem} {name}")
-  _assert_close(taps["pooled"], data["pooled"], f"{stem} pooled")
-  _assert_close(logits, data["logits"], f"{stem} logits")
-  _assert_close(taps["pooled"], np.mean(taps["layer4"], axis=(1, 2, 3)), "pooled: layer4's mean")
+    assert_close(taps[name], to_last(data[name]), f"{stem} {name}")
+  assert_close(taps["pooled"], data["pooled"], f"{stem} pooled")
+  assert_close(logits, data["logits"], f"{stem} logits")
+  assert_close(taps["pooled"], np.mean(taps["layer4"], axis=(1, 2, 3)), "pooled: layer4's mean")
 
 
 def test_release_shapes():
@@ -132,7 +111,7 @@ def test_mean_and_std_fields():
   tiny = {**SMALL, "blocks": (1, 1, 1, 1), "sample_duration": 16, "sample_size": 32}
   module = ResNeXt3D(**tiny, stem="depth", scale=2.0, mean=(100.0,), std=(4.0,))
   raw = ResNeXt3D(**tiny, stem="depth")
-  x = ego_frames((1, 16, 32, 32, 1), 5)
+  x = splitmix_bytes((1, 16, 32, 32, 1), 5)
   hand = ((x * 2.0 - 100.0) / 4.0).astype(np.float32)
 
   @jax.jit

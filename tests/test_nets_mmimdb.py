@@ -1,6 +1,5 @@
 """Tests for the MM-IMDB backbones (VGG19, MaxoutMLP) against PyTorch's own outputs."""
 
-import pathlib
 
 import jax
 import numpy as np
@@ -11,29 +10,12 @@ from bmnas_jax.data.nets.maxout import MaxoutMLP
 from bmnas_jax.data.nets.vgg import VGG19
 from bmnas_jax.data.source import InputSpec
 from bmnas_jax.data.torch_import import load_state_dict
+from tests.parity import FIXTURES, assert_close, fixture
 from bmnas_jax.errors import DataError
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "torch"
 VGG_WIDTHS = (4, 4, 8, 8, 8)                           # as tests/make_torch_fixtures.py
 VGG_TAPS = ("relu4_1", "relu4_4", "relu5_3", "pool5")
 MAXOUT = dict(num_classes=3, hidden=4, pieces=5)       # in 12 -> 4 -> 8 -> 3
-RTOL = 1e-5
-
-
-def _npz(name: str) -> dict[str, np.ndarray]:
-  with np.load(FIXTURES / f"{name}.npz") as z:
-    return {k: z[k] for k in z.files}
-
-
-def _assert_close(got, want, what: str) -> float:
-  """`got` equals `want` within RTOL relative to max |want|; returns that relative error."""
-  got, want = np.asarray(got), np.asarray(want)
-  assert got.shape == want.shape, (what, got.shape, want.shape)
-  err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-  assert err <= RTOL, f"{what}: max relative error {err:.2e}"
-  np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.max(np.abs(want)),
-                             err_msg=what)
-  return err
 
 
 def _like(module, spec: InputSpec):
@@ -43,7 +25,7 @@ def _like(module, spec: InputSpec):
 @pytest.fixture(scope="module")
 def vgg():
   """`(module, variables, fixture arrays)` for the torch VGG19 fixture."""
-  data = _npz("vgg19")
+  data = fixture("vgg19")
   module = VGG19(widths=VGG_WIDTHS)
   path = FIXTURES / "vgg19_legacy.pth"
   like = _like(module, InputSpec.of(data["x"][0]))
@@ -53,7 +35,7 @@ def vgg():
 @pytest.fixture(scope="module")
 def maxout():
   """`(module, variables, fixture arrays)` for the torch MaxOut_MLP fixture."""
-  data = _npz("maxout")
+  data = fixture("maxout")
   module = MaxoutMLP(**MAXOUT)
   path = FIXTURES / "maxout_zip.pth"
   like = _like(module, InputSpec.of(data["x"][0]))
@@ -70,7 +52,7 @@ def test_vgg19_taps_match_torch(vgg):
   names = [f"relu{b}_{k}" for b, n in enumerate((2, 2, 4, 4, 4), 1) for k in range(1, n + 1)]
   assert set(taps) == set(names) | {f"pool{b}" for b in range(1, 6)}
   for name in VGG_TAPS:                               # torch NCHW -> channels last
-    _assert_close(taps[name], np.moveaxis(data[name], 1, -1), name)
+    assert_close(taps[name], np.moveaxis(data[name], 1, -1), name)
   assert taps["pool5"].shape == (2, 3, 2, 8)          # 96 x 64 halved five times
 
 
@@ -113,9 +95,9 @@ def test_maxout_eval_matches_torch(maxout):
   module, variables, data = maxout
   logits, taps = module.apply(variables, data["x"])
   assert set(taps) == {"maxout1", "maxout2"}
-  _assert_close(taps["maxout1"], data["o1"], "maxout1")
-  _assert_close(taps["maxout2"], data["o3"], "maxout2")
-  _assert_close(logits, data["o5"], "logits")
+  assert_close(taps["maxout1"], data["o1"], "maxout1")
+  assert_close(taps["maxout2"], data["o3"], "maxout2")
+  assert_close(logits, data["o5"], "logits")
   again = module.apply(variables, data["x"], rngs={"dropout": jax.random.key(1)})
   np.testing.assert_array_equal(again[0], logits)     # eval: no dropout, deterministic
 
@@ -125,13 +107,13 @@ def test_maxout_train_mode_matches_torch_without_dropout(maxout):
   module = MaxoutMLP(**MAXOUT, dropout=0.0)
   (logits, taps), updated = module.apply(variables, data["x"], train=True,
                                          mutable=["batch_stats"])
-  _assert_close(taps["maxout1"], data["train_o1"], "train maxout1")
-  _assert_close(taps["maxout2"], data["train_o3"], "train maxout2")
-  _assert_close(logits, data["train_o5"], "train logits")
+  assert_close(taps["maxout1"], data["train_o1"], "train maxout1")
+  assert_close(taps["maxout2"], data["train_o3"], "train maxout2")
+  assert_close(logits, data["train_o5"], "train logits")
   for flax_name, torch_name in (("op2", "op2.0"), ("op4", "op4.0")):
     stats = updated["batch_stats"][flax_name]
-    _assert_close(stats["mean"], data[f"train_{torch_name}.running_mean"], f"{flax_name} mean")
-    _assert_close(stats["var"], data[f"train_{torch_name}.running_var"], f"{flax_name} var")
+    assert_close(stats["mean"], data[f"train_{torch_name}.running_mean"], f"{flax_name} mean")
+    assert_close(stats["var"], data[f"train_{torch_name}.running_var"], f"{flax_name} var")
 
 
 def test_maxout_train_mode_uses_dropout_and_updates_stats(maxout):

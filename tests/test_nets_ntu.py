@@ -1,7 +1,6 @@
 """Tests for the NTU RGB+D backbones (inflated ResNet-50, HCN) against PyTorch's own outputs."""
 
 import hashlib
-import pathlib
 
 import jax
 import numpy as np
@@ -12,37 +11,18 @@ from bmnas_jax.data.nets.hcn import HCN
 from bmnas_jax.data.nets.resnet3d import InflatedResNet50
 from bmnas_jax.data.source import InputSpec
 from bmnas_jax.data.torch_import import load_state_dict
+from tests.parity import FIXTURES, assert_close, fixture, splitmix_bytes
 from bmnas_jax.errors import DataError
 
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "torch"
 # As tests/make_torch_fixtures.py (part `ntu`).
 I3D = dict(widths=(2, 2, 4, 4), blocks=(1, 1, 1, 1), num_classes=5)
 I3D_INPUT = (2, 2, 264, 232, 3)
 HCN_SIZES = dict(channels=8, hidden=16, num_classes=5)
-RTOL = 1e-5
 
 
 def ntu_frames(shape):
-  """The fixture script's deterministic int8 clip: the top byte of splitmix64 per index."""
-  z = np.arange(int(np.prod(shape)), dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-  z = z ^ (z >> np.uint64(31))
-  return ((z >> np.uint64(56)).astype(np.int16) - 128).astype(np.int8).reshape(shape)
-
-
-def _npz(name: str) -> dict[str, np.ndarray]:
-  with np.load(FIXTURES / f"{name}.npz") as z:
-    return {k: z[k] for k in z.files}
-
-
-def _assert_close(got, want, what: str) -> float:
-  """`got` equals `want` within RTOL relative to max |want|; returns that relative error."""
-  got, want = np.asarray(got), np.asarray(want)
-  assert got.shape == want.shape, (what, got.shape, want.shape)
-  err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-  assert err <= RTOL, f"{what}: max relative error {err:.2e}"
-  return err
+  """The fixture script's int8 clip: splitmix64's top byte, as a signed byte."""
+  return (splitmix_bytes(shape).astype(np.int16) - 128).astype(np.int8)
 
 
 def _flax_path(torch_bn: str) -> tuple[str, ...]:
@@ -56,7 +36,7 @@ def _flax_path(torch_bn: str) -> tuple[str, ...]:
 @pytest.fixture(scope="module")
 def i3d():
   """`(module, variables, clip, fixture arrays)` for the torch `Visual` fixture."""
-  data = _npz("inflated_resnet")
+  data = fixture("inflated_resnet")
   x = ntu_frames(I3D_INPUT)
   assert hashlib.sha256(x.tobytes()).hexdigest() == str(data["x_sha256"])
   module = InflatedResNet50(**I3D)
@@ -69,7 +49,7 @@ def i3d():
 @pytest.fixture(scope="module")
 def hcn():
   """`(module, variables, fixture arrays)` for the torch `Skeleton` fixture."""
-  data = _npz("hcn")
+  data = fixture("hcn")
   module = HCN(**HCN_SIZES)
   path = FIXTURES / "hcn_zip.pth"
   like = bb.abstract_variables(module, InputSpec.of(data["x"][0]))
@@ -85,21 +65,21 @@ def test_i3d_taps_match_torch(i3d):
   assert set(taps) == {"layer1", "layer2", "layer3", "layer4", "pooled"}
   assert taps["layer4"].shape == (2, 2, 9, 8, 16)     # 264 x 232 frames: 9 x 8
   to_last = lambda a: np.moveaxis(a, 1, -1)           # torch [B, C, T, H, W] -> [B, T, H, W, C]
-  _assert_close(taps["layer1"][:, :, ::4, ::4], to_last(data["layer1"]), "layer1 (::4)")
+  assert_close(taps["layer1"][:, :, ::4, ::4], to_last(data["layer1"]), "layer1 (::4)")
   for name in ("layer2", "layer3", "layer4"):
-    _assert_close(taps[name], to_last(data[name]), name)
-  _assert_close(taps["pooled"], data["pooled"], "pooled")
+    assert_close(taps[name], to_last(data[name]), name)
+  assert_close(taps["pooled"], data["pooled"], "pooled")
   np.testing.assert_allclose(taps["pooled"], np.mean(taps["layer4"][:, :, :7, :7], axis=(1, 2, 3)),
                              rtol=1e-6)               # top-left 7 x 7 of the 9 x 8 map
-  _assert_close(logits, data["logits"], "logits")
+  assert_close(logits, data["logits"], "logits")
 
 
 def test_i3d_train_mode_batch_stats_match_torch(i3d):
   module, variables, x, data = i3d
   (logits, taps), updated = jax.jit(lambda v, x: module.apply(
       v, x, train=True, mutable=["batch_stats"]))(variables, x)
-  _assert_close(taps["pooled"], data["train_pooled"], "train pooled")
-  _assert_close(logits, data["train_logits"], "train logits")
+  assert_close(taps["pooled"], data["train_pooled"], "train pooled")
+  assert_close(logits, data["train_logits"], "train logits")
   names = sorted(k[len("train_"):-len(".running_mean")] for k in data
                  if k.endswith(".running_mean"))
   assert len(names) == 1 + 4 * 4                      # stem + 3 per block + downsample
@@ -107,8 +87,8 @@ def test_i3d_train_mode_batch_stats_match_torch(i3d):
     stats = updated["batch_stats"]
     for part in _flax_path(name):
       stats = stats[part]
-    _assert_close(stats["mean"], data[f"train_{name}.running_mean"], f"{name} mean")
-    _assert_close(stats["var"], data[f"train_{name}.running_var"], f"{name} var")
+    assert_close(stats["mean"], data[f"train_{name}.running_mean"], f"{name} mean")
+    assert_close(stats["var"], data[f"train_{name}.running_var"], f"{name} var")
 
 
 def test_i3d_release_shapes():
@@ -162,17 +142,17 @@ def test_hcn_taps_match_torch(hcn):
   logits, taps = jax.jit(lambda v, x: module.apply(v, x))(variables, data["x"])
   assert set(taps) == {"conv5", "conv6", "flat", "fc7"}
   for name in ("conv5", "conv6"):                     # torch NCHW -> channels last
-    _assert_close(taps[name], np.moveaxis(data[name], 1, -1), name)
-  _assert_close(taps["flat"], data["flat"], "flat")   # torch's NCHW flattening order
-  _assert_close(taps["fc7"], data["fc7"], "fc7")
-  _assert_close(logits, data["logits"], "logits")
+    assert_close(taps[name], np.moveaxis(data[name], 1, -1), name)
+  assert_close(taps["flat"], data["flat"], "flat")   # torch's NCHW flattening order
+  assert_close(taps["fc7"], data["fc7"], "fc7")
+  assert_close(logits, data["logits"], "logits")
 
 
 def test_hcn_dropout_only_in_train_mode(hcn):
   _, variables, data = hcn
   x = data["x"]
   same, _ = HCN(**HCN_SIZES, dropout=0.0).apply(variables, x, train=True)
-  _assert_close(same, data["logits"], "train logits without dropout")
+  assert_close(same, data["logits"], "train logits without dropout")
   module = HCN(**HCN_SIZES, dropout=0.5)
   run = jax.jit(lambda seed: module.apply(variables, x, train=True,
                                           rngs={"dropout": jax.random.key(seed)})[0])

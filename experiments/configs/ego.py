@@ -8,9 +8,8 @@ DIR holds the frame folders SubjectXX/SceneY/{Color,Depth}/..., the annotations
 checkpoints egogesture_resnext_1.0x_{RGB_32_acc_94.01245,Depth_32_acc_93.61060}.pth.
 """
 
+from bmnas_jax.data.nets.resnext3d import DEPTH_MEAN, RGB_MEAN
 from experiments.configs import common
-
-RGB_MEAN, DEPTH_MEAN = (114.7748, 107.7354, 99.475), (114.7748,)
 
 
 def get_config():

@@ -158,16 +158,24 @@ class InflatedResNet50(nn.Module):
     mis-shaped key raises a DataError listing it.
     """
     rules = [("conv1", "cnn.conv1", "conv"), ("bn1", "cnn.bn1", "bn"),
-             ("classifier", "classifier", "linear")]
-    for name in like["params"]:
-      match = _BLOCK.fullmatch(name)
-      if not match:
-        continue
-      torch_name = f"cnn.layer{match[1]}.{match[2]}"
-      for k in (1, 2, 3):
-        rules += [(f"{name}/conv{k}", f"{torch_name}.conv{k}", "conv"),
-                  (f"{name}/bn{k}", f"{torch_name}.bn{k}", "bn")]
-      if "downsample_0" in like["params"][name]:
-        rules += [(f"{name}/downsample_0", f"{torch_name}.downsample.0", "conv"),
-                  (f"{name}/downsample_1", f"{torch_name}.downsample.1", "bn")]
+             ("classifier", "classifier", "linear")] + block_rules(like["params"], "cnn.")
     return torch_import.to_variables(state_dict, rules, like, source=source)
+
+
+def block_rules(params: Mapping[str, Any], torch_prefix: str = "") -> list[tuple[str, str, str]]:
+  """`torch_import` rules of the bottleneck blocks `layer{i}_{j}` in `params`: conv1..3,
+  bn1..3 and the downsample conv + BN where a block has one, onto torch's
+  `{torch_prefix}layer{i}.{j}.*` (shared by the 3D ResNet and ResNeXt)."""
+  rules = []
+  for name in params:
+    match = _BLOCK.fullmatch(name)
+    if not match:
+      continue
+    torch_name = f"{torch_prefix}layer{match[1]}.{match[2]}"
+    for k in (1, 2, 3):
+      rules += [(f"{name}/conv{k}", f"{torch_name}.conv{k}", "conv"),
+                (f"{name}/bn{k}", f"{torch_name}.bn{k}", "bn")]
+    if "downsample_0" in params[name]:
+      rules += [(f"{name}/downsample_0", f"{torch_name}.downsample.0", "conv"),
+                (f"{name}/downsample_1", f"{torch_name}.downsample.1", "bn")]
+  return rules

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -13,6 +12,7 @@ import numpy as np
 
 from bmnas_jax.data import torch_import
 from bmnas_jax.data.nets.maxout import TorchBatchNorm
+from bmnas_jax.data.nets.resnet3d import block_rules
 
 EXPANSION = 2          # ResNeXtBottleneck.expansion: a block's output has 2 x its mid width
 # The release's first convs (models/central/ego.py, `modify_kernels`): name -> (input
@@ -27,7 +27,6 @@ STEMS: dict[str, tuple[int, tuple[int, int, int], tuple[int, int, int]]] = {
 # 1): the RGB mean, and for depth (one 'L' channel, so only the first entry applies).
 RGB_MEAN = (114.7748, 107.7354, 99.475)
 DEPTH_MEAN = (114.7748,)
-_BLOCK = re.compile(r"layer([1-9])_(\d+)")
 
 
 def _conv(features: int, kernel: tuple[int, int, int], stride: int | tuple[int, int, int],
@@ -214,16 +213,6 @@ class ResNeXt3D(nn.Module):
     that `like` (the module's abstract variables) has. A missing, extra or mis-shaped key
     (e.g. an RGB checkpoint for the depth stem) raises a DataError listing it.
     """
-    rules = [("conv1", "conv1", "conv"), ("bn1", "bn1", "bn"), ("fc", "fc", "linear")]
-    for name in like["params"]:
-      match = _BLOCK.fullmatch(name)
-      if not match:
-        continue
-      torch_name = f"layer{match[1]}.{match[2]}"
-      for k in (1, 2, 3):
-        rules += [(f"{name}/conv{k}", f"{torch_name}.conv{k}", "conv"),
-                  (f"{name}/bn{k}", f"{torch_name}.bn{k}", "bn")]
-      if "downsample_0" in like["params"][name]:
-        rules += [(f"{name}/downsample_0", f"{torch_name}.downsample.0", "conv"),
-                  (f"{name}/downsample_1", f"{torch_name}.downsample.1", "bn")]
+    rules = [("conv1", "conv1", "conv"), ("bn1", "bn1", "bn"),
+             ("fc", "fc", "linear")] + block_rules(like["params"])
     return torch_import.to_variables(state_dict, rules, like, source=source)
