@@ -7,7 +7,6 @@ bad, unless `--config.data.skip_bad=True` (the prepare stage then leaves them ou
 """
 
 import json
-import sys
 
 from absl import flags
 
@@ -24,9 +23,7 @@ def main(argv):
   result = check_data(config, workers=int(config.prepare.read_workers))
   print(json.dumps(result))
   if result["bad"] and not config.data.get("skip_bad", False):
-    print(f"error: {len(result['bad'])} bad example(s); config.data.skip_bad=True leaves them "
-          f"out", file=sys.stderr)
-    sys.exit(1)
+    cli.fail(f"{len(result['bad'])} bad example(s); config.data.skip_bad=True leaves them out")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,13 @@ def usage_error(message: str) -> InputError:
   return InputError(message)
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
+def fail(message: str) -> None:
+  """`error: <message>` on one line (a multi-line message's lines joined), exit status 1."""
+  text = ""
+  for line in (line.strip() for line in str(message).splitlines()):
+    if line:
+      text += (" " if not text or text.endswith(":") else "; ") + line
+  print(f"error:{text}", file=sys.stderr)
   sys.exit(1)
 
 
@@ -28,9 +33,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e))
+    fail(str(e))
   except OSError as e:           # config_flags: the config file is missing or unreadable
-    _fail(str(e).splitlines()[0] + (f" ({argv[1:]})" if len(argv) > 1 else ""))
+    fail(str(e).splitlines()[0] + (f" ({argv[1:]})" if len(argv) > 1 else ""))
   except _OVERRIDE_ERRORS as e:
     _fail_override(e)
   return []
@@ -41,7 +46,7 @@ def _fail_override(e: Exception) -> None:
   if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
     text = text[1:-1]                     # a KeyError's repr inside the AttributeError
   text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
-  _fail(f"bad config override: {text}")   # ml_collections names the key, suggests the nearest
+  fail(f"bad config override: {text}")   # ml_collections names the key, suggests the nearest
 
 
 def define_config(default: str | None):
@@ -60,7 +65,7 @@ def _config_loaded() -> None:
     try:
       flags.FLAGS["config"].value.keys()
     except OSError as e:
-      _fail("cannot load the config file: " + " ".join(str(e).split("\n", 1)[-1].split()))
+      fail("cannot load the config file: " + " ".join(str(e).split("\n", 1)[-1].split()))
 
 
 def run(main: Callable[[list[str]], None]) -> None:
@@ -72,6 +77,6 @@ def run(main: Callable[[list[str]], None]) -> None:
     try:
       main(argv)
     except InputError as e:
-      _fail(f"{type(e).__name__}: {e}")
+      fail(f"{type(e).__name__}: {e}")
 
   app.run(guarded, flags_parser=_parse_flags)

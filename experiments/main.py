@@ -5,7 +5,6 @@ Without flags: the embedded default (UCI Multiple Features) into `runs/mfeat`.
 
 import json
 import os
-import sys
 
 from absl import flags, logging
 
@@ -26,8 +25,7 @@ def main(argv):
   try:
     results = pipeline.run(config, _WORKDIR.value)
   except FloatingPointError as e:        # divergence: the message names epoch, step, seed
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(1)
+    cli.fail(f"{type(e).__name__}: {e}")
   if "evaluate" in results:
     ev = results["evaluate"]
     print(json.dumps({"metric": ev["metric"], "final_test": ev["final_test"],

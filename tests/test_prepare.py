@@ -415,3 +415,12 @@ def test_training_views_are_stored_example_major_and_drawn_per_epoch(tmp_path):
   c.data.train_views = 0
   with pytest.raises(ConfigError, match="config.data.train_views=0"):
     prepare.run_prepare(c, tmp_path)
+
+
+def test_a_multi_line_error_is_one_line(capsys):
+  from experiments import cli
+  with pytest.raises(SystemExit) as e:
+    cli.fail("x.pth: the state dict does not match:\n  missing (1): a\n  unexpected (1): b")
+  assert e.value.code == 1
+  assert capsys.readouterr().err == ("error: x.pth: the state dict does not match: "
+                                     "missing (1): a; unexpected (1): b\n")
