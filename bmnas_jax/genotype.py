@@ -210,27 +210,30 @@ def _softmax(a: np.ndarray) -> np.ndarray:
   return e / e.sum(axis=-1, keepdims=True)
 
 
-def _best_pair(wx: np.ndarray, wy: np.ndarray, candidates, allowed, ordered: bool):
-  """Argmax of wx[i] * wy[j] over candidate pairs that `allowed` accepts.
+def _ranked_pairs(wx: np.ndarray, wy: np.ndarray, candidates, allowed,
+                  ordered: bool) -> list[tuple[float, tuple[int, int]]]:
+  """`(wx[i] * wy[j], (i, j))` of the candidate pairs `allowed` accepts, best first.
 
   Unordered (one mixed slot): pairs i < j. Ordered (two slots): i != j. Ties
   go to the first pair in lexicographic order.
   """
   pairs = (itertools.permutations(candidates, 2) if ordered
            else itertools.combinations(candidates, 2))
-  best, best_score = None, -np.inf
-  for i, j in pairs:
-    if not allowed(i, j):
-      continue
-    score = wx[i] * wy[j]
-    if score > best_score:
-      best, best_score = (i, j), score
-  return best
+  scored = [(float(wx[i] * wy[j]), (i, j)) for i, j in pairs if allowed(i, j)]
+  return sorted(scored, key=lambda sp: -sp[0])          # stable: ties keep the order
+
+
+def _best_pair(wx: np.ndarray, wy: np.ndarray, candidates, allowed, ordered: bool):
+  """Argmax of wx[i] * wy[j] over candidate pairs that `allowed` accepts (or None)."""
+  ranked = _ranked_pairs(wx, wy, candidates, allowed, ordered)
+  return ranked[0][1] if ranked else None
 
 
 def _derive_steps(beta: np.ndarray, gamma: np.ndarray, pool: Sequence[str],
-                  steps: int, two_slot: bool) -> tuple[StepGene, ...]:
-  """Inner steps: top-2 inner edges by Identity weight, op by argmax gamma (no Zero)."""
+                  steps: int, two_slot: bool, record: list | None = None
+                  ) -> tuple[StepGene, ...]:
+  """Inner steps: top-2 inner edges by Identity weight, op by argmax gamma (no Zero).
+  `record` (if given) gets per step the chosen op's softmax weight and the next one's."""
   beta_w = _softmax(beta)[..., ops.IDENTITY]
   gamma_w = _softmax(gamma)
   genes, offset = [], 0
@@ -242,8 +245,14 @@ def _derive_steps(beta: np.ndarray, gamma: np.ndarray, pool: Sequence[str],
     else:
       order = sorted(range(n_in), key=lambda j: -w[j])      # stable: ties to the lower index
       pair = (order[0], order[1])
-    allowed = [f for f, name in enumerate(pool) if name != "Zero"]
-    op = pool[max(allowed, key=lambda f: (gamma_w[i, f], -f))]
+    allowed = sorted((f for f, name in enumerate(pool) if name != "Zero"),
+                     key=lambda f: (-gamma_w[i, f], f))
+    op = pool[allowed[0]]
+    if record is not None:
+      record.append({"op": op, "weight": float(gamma_w[i, allowed[0]]),
+                     "next_op": pool[allowed[1]] if len(allowed) > 1 else None,
+                     "next_weight": float(gamma_w[i, allowed[1]]) if len(allowed) > 1
+                     else 0.0})
     genes.append(StepGene(op, pair))
     offset += n_in
   return tuple(genes)
@@ -251,7 +260,8 @@ def _derive_steps(beta: np.ndarray, gamma: np.ndarray, pool: Sequence[str],
 
 def derive(arch: Mapping[str, Any], node_names: Sequence[str], *, num_cells: int,
            steps: int, multiplier: int, node_multiplier: int, fidelity: str = "paper",
-           cell_inputs: str = "all", two_slot: bool = False) -> Genotype:
+           cell_inputs: str = "all", two_slot: bool = False,
+           record: list | None = None) -> Genotype:
   """Derives the genotype from architecture weights (paper Eq. 3 and Eq. 11).
 
   Upper level: Cell k takes the pair (i, j) maximizing the product of the two
@@ -265,6 +275,9 @@ def derive(arch: Mapping[str, Any], node_names: Sequence[str], *, num_cells: int
   Args:
     arch: the `arch` collection, `arch['cell_k'] = {'alpha', 'beta', 'gamma'}`.
     node_names: the input feature names, in order.
+    record: if given, gets one dict per Cell: the chosen pair and its score, the
+      runner-up pair and its score (the candidates the rule allowed), and per step the
+      chosen op's weight and the next op's (how clearly each choice was made).
   Returns:
     A validated Genotype.
   """
@@ -280,32 +293,41 @@ def derive(arch: Mapping[str, Any], node_names: Sequence[str], *, num_cells: int
     wx, wy = (w[0], w[1]) if two_slot else (w, w)
     new_pair = lambda i, j: frozenset((i, j)) not in used_pairs
     if cell_inputs == "all":
-      pair = _best_pair(wx, wy, range(n + k), new_pair, ordered=two_slot)
+      ranked = _ranked_pairs(wx, wy, range(n + k), new_pair, ordered=two_slot)
     else:
       new_node = lambda i, j: i not in used_nodes or j not in used_nodes
-      pair = (_best_pair(wx, wy, range(n), new_node, ordered=two_slot)
-              # once every feature is used, fall back to "no repeated pair"
-              or _best_pair(wx, wy, range(n), new_pair, ordered=two_slot))
+      ranked = (_ranked_pairs(wx, wy, range(n), new_node, ordered=two_slot)
+                # once every feature is used, fall back to "no repeated pair"
+                or _ranked_pairs(wx, wy, range(n), new_pair, ordered=two_slot))
+    pair = ranked[0][1] if ranked else None
     if pair is None:
       raise ConfigError(f"config.model.num_cells: cannot derive Cell {k}: every pair of the "
                         f"{n} features is taken (cell_inputs={cell_inputs!r}: more Cells "
                         f"than feature pairs)")
     used_pairs.add(frozenset(pair))
     used_nodes.update(pair)
+    step_record = [] if record is not None else None
     cell_steps = _derive_steps(np.asarray(a["beta"]), np.asarray(a["gamma"]), pool, steps,
-                               two_slot)
+                               two_slot, step_record)
+    if record is not None:
+      record.append({"pair": list(pair), "score": ranked[0][0],
+                     "runner_up": list(ranked[1][1]) if len(ranked) > 1 else None,
+                     "runner_up_score": ranked[1][0] if len(ranked) > 1 else 0.0,
+                     "steps": step_record})
     cells.append(CellGene(pair, cell_steps,
                           tuple(range(2 + steps - node_multiplier, 2 + steps))))
   return validate(Genotype(tuple(node_names), tuple(cells),
                            tuple(range(n + num_cells - multiplier, n + num_cells))))
 
 
-def derive_from_config(arch: Mapping[str, Any], node_names: Sequence[str], config) -> Genotype:
+def derive_from_config(arch: Mapping[str, Any], node_names: Sequence[str], config,
+                       record: list | None = None) -> Genotype:
   """`derive` with the shapes and options of `config.model` / `config.fidelity`."""
   m = config.model
   return derive(arch, node_names, num_cells=m.num_cells, steps=m.steps,
                 multiplier=m.multiplier, node_multiplier=m.node_multiplier,
-                fidelity=config.fidelity, cell_inputs=m.cell_inputs, two_slot=m.two_slot)
+                fidelity=config.fidelity, cell_inputs=m.cell_inputs, two_slot=m.two_slot,
+                record=record)
 
 
 # ------------------------------------------------- the fusion cells of Fig. 2

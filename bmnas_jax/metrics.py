@@ -191,3 +191,14 @@ def f1_score(logits: jax.Array, labels: jax.Array, threshold: float = 0.3,
   _check_average(average)
   _check_zero_division(zero_division)
   return f1_from_counts(multilabel_counts(logits, labels, threshold, mask), average, zero_division)
+
+
+def score(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, metric: str,
+          threshold: float = 0.3, zero_division: float = 0.0) -> float:
+  """A whole split's `metric` (`accuracy`, or `f1_weighted` / `f1_macro` / `f1_micro` of
+  `sigmoid(logits) > threshold`) from logits `[n, K]` and labels `[n]` / `[n, K]`."""
+  if metric == "accuracy":
+    return float(accuracy(logits, labels))
+  if not metric.startswith("f1_"):
+    raise ValueError(f"metric {metric!r}: 'accuracy' or 'f1_<average>'")
+  return float(f1_score(logits, labels, threshold, metric[3:], zero_division=zero_division))

@@ -211,10 +211,8 @@ def score(logits: np.ndarray, labels: np.ndarray, label_kind: str,
           threshold: float = 0.3) -> tuple[str, float]:
   """`('accuracy', value)` for single-label data, `('f1_weighted', value)` at
   `threshold` for multi-label data."""
-  if label_kind == "single":
-    return "accuracy", float(metrics_lib.accuracy(jnp.asarray(logits), jnp.asarray(labels)))
-  return "f1_weighted", float(metrics_lib.f1_score(jnp.asarray(logits), jnp.asarray(labels),
-                                                   threshold, average="weighted"))
+  metric = "accuracy" if label_kind == "single" else "f1_weighted"
+  return metric, metrics_lib.score(logits, labels, metric, threshold)
 
 
 @functools.lru_cache(maxsize=16)

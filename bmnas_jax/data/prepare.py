@@ -31,10 +31,12 @@ import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import flax.linen as nn
+import jax
 import numpy as np
 import tqdm
 from absl import logging
 
+from bmnas_jax import metrics
 from bmnas_jax.checkpoint import write_json_atomic
 from bmnas_jax.data import backbones as bb
 from bmnas_jax.data import datasets, extract, probe, shards
@@ -541,6 +543,7 @@ def run_prepare(config, workdir: str | os.PathLike) -> dict[str, Any]:
     if not kept[s]:
       raise DataError(f"config.data.source={config.data.source!r}: every {s} example is bad")
   unimodal = _unimodal(mods, metas, staging, sizes, chunk, labels, ds, config)
+  ensemble = _ensemble(mods, staging, sizes, chunk, labels, ds, config)
   probes = _probes(mods, staging, sizes, kept, chunk, labels, unimodal, ds, config,
                    settings["probe_examples"])
 
@@ -559,7 +562,7 @@ def run_prepare(config, workdir: str | os.PathLike) -> dict[str, Any]:
              "bad_examples": bad, "extraction_seconds": round(seconds, 3),
              "examples_extracted_now": computed,
              "examples_per_second": round(computed / seconds, 1) if seconds > 0 else None,
-             "unimodal": unimodal, "probes": probes,
+             "unimodal": unimodal, "ensemble": ensemble, "probes": probes,
              "backbones": {m.name: {"backbone": m.backbone, "weights": m.weights,
                                     "checkpoint_id": metas[m.name]["content_id"]}
                            for m in mods}}
@@ -588,6 +591,31 @@ def _unimodal(mods, metas, staging, sizes, chunk, labels, ds, config) -> dict[st
       row[f"{split}_{metric}"] = value
     if row:
       out[mod.name] = row
+  return out
+
+
+def _ensemble(mods, staging, sizes, chunk, labels, ds, config) -> dict[str, Any] | None:
+  """The baseline nobody trains: the backbones' predicted probabilities averaged (softmax,
+  or sigmoid for multi-label data), scored with `config.metric` on val and test; None
+  with fewer than two backbones that classify."""
+  out = {"modalities": [], "metric": str(config.metric.name)}
+  for split in ("val", "test"):
+    probs = []
+    for mod in mods:
+      logits = _gather(staging, split, sizes[split], chunk, f"logits/{mod.name}")
+      if logits is None:
+        continue
+      probs.append(jax.nn.softmax(logits, -1) if ds.label_kind == "single"
+                   else jax.nn.sigmoid(logits))
+      if split == "val":
+        out["modalities"].append(mod.name)
+    if len(probs) < 2:
+      return None
+    p = np.clip(np.mean(np.stack(probs), axis=0), 1e-7, 1 - 1e-7)
+    logits = np.log(p) if ds.label_kind == "single" else np.log(p) - np.log1p(-p)
+    out[split] = metrics.score(logits, labels[split], config.metric.name,
+                               float(config.metric.threshold),
+                               1.0 if config.fidelity == "reference" else 0.0)
   return out
 
 

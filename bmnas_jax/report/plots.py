@@ -80,11 +80,13 @@ def search_metric_curves(records: Sequence[Mapping[str, Any]], path: str,
   return save(fig, path)
 
 
-def search_loss_curves(records: Sequence[Mapping[str, Any]], path: str) -> str:
+def search_loss_curves(records: Sequence[Mapping[str, Any]], path: str,
+                       max_entropy: float | None = None) -> str:
   """Search losses per epoch: weight (train), arch (val batches), val; a line per seed.
 
   A fourth panel shows the mean entropy of the softmaxed architecture weights
-  (`arch_entropy`) when the records have it.
+  (`arch_entropy`) when the records have it, with `max_entropy` (uniform weights:
+  nothing decided) as a dashed line.
   """
   ep = _epochs(records)
   keys = [("train_loss", "train loss (weight steps)"), ("arch_loss", "arch loss (arch steps)"),
@@ -99,6 +101,8 @@ def search_loss_curves(records: Sequence[Mapping[str, Any]], path: str) -> str:
       seeds = _seeds(records, v.shape[1])
       for s in range(v.shape[1]):
         ax.plot(ep, v[:, s], "-", color=_seed_color(s), label=f"seed {seeds[s]}")
+      if key == "arch_entropy" and max_entropy is not None:
+        ax.axhline(max_entropy, color="k", ls="--", lw=1, label="uniform (maximum)")
       ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("search epoch")
@@ -187,7 +191,7 @@ def arch_weight_curves(history: Mapping[str, Any], path: str, upper_names: Seque
 
 
 def evaluate_curves(records: Sequence[Mapping[str, Any]], path: str, title: str,
-                    metric_label: str = "metric") -> str:
+                    metric_label: str = "metric", val_trained: bool = False) -> str:
   """Evaluation curves per epoch: val (solid) and test (dashed) metric per seed; losses.
 
   Args:
@@ -195,7 +199,9 @@ def evaluate_curves(records: Sequence[Mapping[str, Any]], path: str, title: str,
     path: PNG path.
     title: figure title.
     metric_label: y-axis name.
+    val_trained: val is among the training splits (its curve is labelled so).
   """
+  val_name = "val (trained on)" if val_trained else "val"
   ep = _epochs(records)
   fig = new_figure(12.0, 3.6)
   ax = fig.add_subplot(1, 2, 1)
@@ -203,11 +209,11 @@ def evaluate_curves(records: Sequence[Mapping[str, Any]], path: str, title: str,
   test = 100 * _column(records, "test_metric")
   seeds = _seeds(records, val.shape[1])
   for s in range(val.shape[1]):
-    ax.plot(ep, val[:, s], "-", color=_seed_color(s), label=f"val, seed {seeds[s]}")
+    ax.plot(ep, val[:, s], "-", color=_seed_color(s), label=f"{val_name}, seed {seeds[s]}")
     ax.plot(ep, test[:, s], "--", color=_seed_color(s), label=f"test, seed {seeds[s]}")
   ax.set_xlabel("epoch")
   ax.set_ylabel(f"{metric_label} (%)")
-  ax.set_title("metric: val (solid), test (dashed)", fontsize=10)
+  ax.set_title(f"metric: {val_name} (solid), test (dashed)", fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=6, ncol=2)
   ax = fig.add_subplot(1, 2, 2)
@@ -215,9 +221,10 @@ def evaluate_curves(records: Sequence[Mapping[str, Any]], path: str, title: str,
     if not all(key in r for r in records):
       continue
     v = _column(records, key)
+    label = key.replace("_", " ") + (" (trained on)" if key == "val_loss" and val_trained
+                                     else "")
     for s in range(v.shape[1]):
-      ax.plot(ep, v[:, s], "-", color=f"C{i}", alpha=0.8, lw=1,
-              label=key.replace("_", " ") if s == 0 else None)
+      ax.plot(ep, v[:, s], "-", color=f"C{i}", alpha=0.8, lw=1, label=label if s == 0 else None)
   ax.set_xlabel("epoch")
   ax.set_title("losses (a line per seed)", fontsize=10)
   ax.grid(alpha=0.3)

@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import jax
 
+from bmnas_jax import diagnostics, ops
 from bmnas_jax import genotype as genotype_lib
-from bmnas_jax import ops
 from bmnas_jax.checkpoint import write_text_atomic
 from bmnas_jax.report import genotype_plot, plots, tables
 from bmnas_jax.report.tables import Stat, Table
@@ -203,10 +203,30 @@ class _Builder:
     ]
     self.add("\n".join(lines))
 
+  # -- the winner, first
+  def winner(self) -> None:
+    """One line on top: which results row won on test, and by how much against the
+    runner-up, in points and in seed standard deviations."""
+    rows = [(label, stat) for label, _, stat in self.result_rows()[0]
+            if isinstance(stat, Stat) and "val-selected" not in label]
+    if len(rows) < 2:
+      return
+    (best, b), (second, r2) = sorted(rows, key=lambda row: -row[1].mean)[:2]
+    diff = 100 * (b.mean - r2.mean)
+    stds = [100 * x.std for x in (b, r2) if x.std]
+    text = (f"**Best on test: {best}, {b} % {self.label}; {diff:.2f} points above "
+            f"{second} ({r2} %)")
+    if stds:
+      text += f", {diff / max(stds):.1f} seed std"
+      text += (". Within one seed std: no clear winner.**" if diff < max(stds) else ".**")
+    else:
+      text += ".**"
+    self.add(text)
+
   # -- Tables 1-3
-  def results(self) -> None:
+  def result_rows(self) -> tuple[list[list], list[str]]:
+    """The results table's rows `[method, modality, Stat]` and notes on what is absent."""
     r, ev = self.run, self.run.evaluate
-    self.add("## Results (Tables 1-3 form)")
     rows, notes = [], []
     if r.unimodal is None:
       notes.append("No unimodal backbone results (backbones/unimodal.json is absent).")
@@ -215,6 +235,10 @@ class _Builder:
         stat, used = _unimodal_stat(u, "test", self.metric)
         label = u["name"] if used == self.metric else f"{u['name']} ({tables.metric_label(used)})"
         rows.append([label, u["modality"], stat])
+    ens = (r.prepare or {}).get("ensemble")
+    if ens and ens.get("metric") == self.metric and "test" in ens:
+      rows.append(["Ensemble of the backbones (mean probability, no training)",
+                   " + ".join(ens.get("modalities", [])), Stat(float(ens["test"]))])
     if r.late_fusion is None:
       notes.append("No late-fusion baseline (late_fusion/metrics.json is absent).")
     else:
@@ -229,6 +253,13 @@ class _Builder:
               else "val not held out: it is among the training splits")
       rows.append([f"BM-NAS (searched), val-selected epoch ({held})", mods,
                    Stat.from_summary(vs["test"])])
+    return rows, notes
+
+  def results(self) -> None:
+    r, ev = self.run, self.run.evaluate
+    self.add("## Results (Tables 1-3 form)")
+    rows, notes = self.result_rows()
+    vs = ev.get("val_selected")
     foot = (f"Test {self.label} at the final retraining epoch, mean ± std over "
             f"{len(ev.get('seeds', []))} seeds.")
     if vs:
@@ -237,6 +268,9 @@ class _Builder:
                f"selects nothing.")
     if r.unimodal is not None:
       foot += " Unimodal rows: the backbone's own test score."
+    if any(row[0].startswith("Ensemble") for row in rows):
+      foot += (" Ensemble: the backbones' predicted probabilities averaged, scored as the "
+               "other rows.")
     self.table(Table("results", f"Table 1-3 form: test {self.label} on {_cfg(self.config, 'name')}",
                      ["Method", "Modality", f"{self.label}(%)"], rows), foot)
     for n in notes:
@@ -397,6 +431,45 @@ class _Builder:
     self.table(Table("agreement", "Seed agreement per Cell (count of seeds)",
                      ["Cell", "Input pairs", "Step ops"], rows))
 
+  # -- did the search decide?
+  def decisions(self) -> None:
+    r = self.run
+    if r.arch_history is None or not r.arch_history.get("softmax"):
+      return
+    d = diagnostics.search_decisions(r.arch_history, r.search_summary, r.genotype.nodes,
+                                     self.config)
+    self.add("## Did the search decide?")
+    rows = []
+    for seed in d["seeds"]:
+      for k, cell in enumerate(seed["cells"]):
+        ops = "; ".join(f"{st['op']} (+{100 * st['op_margin']:.1f} over {st['next_op']})"
+                        for st in cell["steps"])
+        rows.append([seed["seed"], seed["epoch"], f"Cell_{k + 1}",
+                     f"({', '.join(cell['pair'])})",
+                     f"({', '.join(cell['runner_up'])})" if cell["runner_up"] else None,
+                     f"{100 * cell['pair_margin']:.1f}%", ops,
+                     f"{seed['entropy_ratio']:.3f}"])
+    t = d["thresholds"]
+    self.table(Table("decisions", "Margins of the derivation's choices (best epoch per seed)",
+                     ["Seed", "Epoch", "Cell", "Pair", "Runner-up", "Pair margin",
+                      "Step ops (weight points over the next op)", "Entropy / max"], rows),
+               f"Pair margin: how much the chosen pair's score (the product of its two "
+               f"Identity weights, Eq. 3) exceeds the runner-up's, relative to it. Entropy / "
+               f"max: the mean entropy of the softmaxed architecture weights over its uniform "
+               f"maximum (1: nothing learned). A choice counts as made when the pair margin is "
+               f"at least {100 * t['pair_margin']:.0f}% and an op leads by at least "
+               f"{100 * t['op_margin']:.0f} points.")
+    if d["decided"]:
+      self.add(f"Every choice was made clearly ({d['choices']} choices over "
+               f"{len(d['seeds'])} seed(s)).")
+    else:
+      self.add(f"**The search did not decide:** {d['undecided']} of {d['choices']} choices "
+               f"(Cell input pairs and step ops, over {len(d['seeds'])} seed(s)) are below "
+               f"those margins. The genotype then reflects noise in the architecture weights "
+               f"more than what the data favour: different seeds pick different genotypes, "
+               f"and the searched row should be read against the random-selection row of "
+               f"Table 6 before it is credited to the search.")
+
   # -- genotype
   def genotype(self) -> None:
     g = self.run.genotype
@@ -423,28 +496,36 @@ class _Builder:
     plots.search_metric_curves(r.search_records,
                                self.image("search_val_metric.png", "search validation metric"),
                                self.label)
-    plots.search_loss_curves(r.search_records, self.image("search_losses.png", "search losses"))
+    history = r.arch_history or {}
+    max_entropy = (diagnostics.max_entropy(history["softmax"][0][0])
+                   if history.get("softmax") else None)
+    plots.search_loss_curves(r.search_records, self.image("search_losses.png", "search losses"),
+                             max_entropy)
     if r.arch_history is None:
       self.add(_note("No architecture-weight history (search/arch_history.json is absent)."))
     elif r.arch_history.get("softmax"):
       g = r.genotype
       upper = [g.upper_name(u) for u in range(len(g.nodes) + len(g.cells))]
-      seed = (r.arch_history.get("seeds") or [0])[0]
+      seeds = list(r.arch_history.get("seeds") or [0])
+      chosen = r.search_summary.get("chosen_seed", seeds[0])
+      index = seeds.index(chosen) if chosen in seeds else 0
       plots.arch_weight_curves(
-          r.arch_history, self.image(f"arch_weights_seed_{seed}.png",
-                                     f"architecture weights, seed {seed}"),
-          upper, ops.step_op_pool(_cfg(self.config, "fidelity", "paper")), seed_index=0)
+          r.arch_history, self.image(f"arch_weights_seed_{seeds[index]}.png",
+                                     f"architecture weights, seed {seeds[index]} (chosen)"),
+          upper, ops.step_op_pool(_cfg(self.config, "fidelity", "paper")), seed_index=index)
     self.add("### Evaluation")
     if r.evaluate_records:
+      trained = not (r.evaluate.get("val_selected") or {}).get("val_held_out", True)
       plots.evaluate_curves(r.evaluate_records,
                             self.image("evaluate_curves.png", "evaluation curves"),
-                            "Evaluation (searched genotype retrained)", self.label)
+                            "Evaluation (searched genotype retrained)", self.label, trained)
     else:
       self.add(_note("No evaluation curves (evaluate/metrics.jsonl is absent)."))
     if r.late_fusion_records:
+      trained = not (r.late_fusion or {}).get("val_selected", {}).get("val_held_out", True)
       plots.evaluate_curves(r.late_fusion_records,
                             self.image("late_fusion_curves.png", "late fusion curves"),
-                            "Late fusion baseline", self.label)
+                            "Late fusion baseline", self.label, trained)
 
   def markdown(self) -> str:
     return "\n".join(self.parts)
@@ -454,12 +535,14 @@ def build_report(config, run: RunFiles, stage_dir: str) -> str:
   """Writes the CSVs and PNGs into `stage_dir`; returns the markdown text."""
   b = _Builder(config, run, stage_dir)
   b.header()
+  b.winner()
   b.results()
   b.features()
   b.params()
   b.cost()
   b.ablations()
   b.agreement()
+  b.decisions()
   b.genotype()
   b.curves()
   return b.markdown()

@@ -61,10 +61,9 @@ def format_pct(value: float) -> str:
 
 
 def format_params(n: int) -> str:
-  """A parameter count the paper's way, `0.98 M` (4 decimals below 10k parameters)."""
-  if n >= 10_000:
-    return f"{n / 1e6:.2f} M"
-  return f"{n / 1e6:.4f} M"
+  """A parameter count in millions, always 3 decimals (one precision in a table):
+  `0.980 M`, `0.019 M`."""
+  return f"{n / 1e6:.3f} M"
 
 
 def format_seconds(s: float) -> str:
