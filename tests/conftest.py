@@ -70,6 +70,21 @@ def _fresh_trace_counter():
   yield
 
 
+def tiny_run(c, batch_size: int | None = None, cells: int = 1, steps: int = 1):
+  """A paper config shrunk for an end-to-end test: C=8, one device and seed, `cells`
+  Cells of `steps` steps, one epoch of search and evaluation, no late-fusion baseline,
+  prepare -> search -> evaluate -> report."""
+  c.model.C, c.devices, c.seeds = 8, 1, 1
+  c.model.num_cells = c.model.multiplier = cells
+  c.model.steps = c.model.node_multiplier = steps
+  c.search.epochs = c.evaluate.epochs = 1
+  if batch_size is not None:
+    c.search.batch_size = c.evaluate.batch_size = batch_size
+  c.evaluate.late_fusion = False
+  c.stages = "prepare,search,evaluate,report"
+  return c
+
+
 def planted_config(**overrides):
   """The planted task, shrunk for tests (one device unless asked)."""
   from experiments.configs import planted

@@ -14,6 +14,7 @@ from bmnas_jax.data.check import check_data
 from bmnas_jax.data.source import BadExample
 from bmnas_jax.errors import ConfigError, DataError
 from experiments.configs import ego as ego_config
+from tests.conftest import tiny_run
 
 FRAMES = 36                       # JPEGs per folder, 000001.jpg .. 000036.jpg
 W, H = 32, 24                     # 640 x 480 in miniature: the same 4:3 aspect
@@ -329,12 +330,7 @@ def test_prepare_search_evaluate_report(tmp_path):
   channels = tuple(shapes[t][-1] for t in c.backbones.RGB.taps)
   c.data.channels = {"RGB": channels, "Depth": channels}
   c.prepare.batch_size, c.prepare.probe_examples = 2, 0
-  c.model.C, c.devices, c.seeds = 8, 1, 1
-  c.model.num_cells = c.model.multiplier = c.model.steps = c.model.node_multiplier = 1
-  c.search.epochs = c.evaluate.epochs = 1
-  c.search.batch_size = c.evaluate.batch_size = 2
-  c.evaluate.late_fusion = False
-  c.stages = "prepare,search,evaluate,report"
+  tiny_run(c, batch_size=2)
   out = pipeline.run(c, os.fspath(tmp_path / "run"))
   fs = shards.read_feature_set(tmp_path / "run" / "features", "ego")
   assert {k: len(v) for k, v in fs.splits.items()} == {"train": 12, "val": 3, "test": 3}

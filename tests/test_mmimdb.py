@@ -13,6 +13,7 @@ from bmnas_jax import pipeline
 from bmnas_jax.data import mmimdb, shards
 from bmnas_jax.errors import ConfigError, DataError
 from experiments.configs import mmimdb as mmimdb_config
+from tests.conftest import tiny_run
 
 N = 64                                   # 32 train, 16 dev, 16 test rows
 GENRES = [f"genre_{k}" for k in range(23)]
@@ -130,11 +131,7 @@ def test_prepare_search_evaluate_report(tmp_path):
   c.backbones.Text.epochs, c.backbones.Text.batch_size = 2, 16
   c.data.channels = {"Image": (8, 8, 8, 8), "Text": (4, 8)}
   c.prepare.probe_examples = 32
-  c.model.C, c.devices, c.seeds = 8, 1, 1
-  c.model.num_cells = c.model.multiplier = 1
-  c.search.epochs = c.evaluate.epochs = 1
-  c.evaluate.late_fusion = False
-  c.stages = "prepare,search,evaluate,report"
+  tiny_run(c)
   out = pipeline.run(c, os.fspath(tmp_path / "run"))
   fs = shards.read_feature_set(tmp_path / "run" / "features", "mmimdb")
   assert [(n.name, n.channels, n.length) for n in fs.nodes] == [

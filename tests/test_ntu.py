@@ -13,6 +13,7 @@ from bmnas_jax.data.check import check_data
 from bmnas_jax.data.source import BadExample
 from bmnas_jax.errors import ConfigError, DataError
 from experiments.configs import ntu as ntu_config
+from tests.conftest import tiny_run
 
 BODY_LINE = "72057594037931101 0 1 1 1 1 0 0.0196 0.3046 2"
 
@@ -306,12 +307,7 @@ def test_prepare_search_evaluate_report(tmp_path):
                             ("Skeleton", InputSpec((3, 32, 25, 2), "float32")))}
   c.data.channels = {m: tuple(shapes[m][t][-1] for t in c.backbones[m].taps) for m in shapes}
   c.prepare.batch_size, c.prepare.probe_examples = 4, 0
-  c.model.C, c.devices, c.seeds = 8, 1, 1
-  c.model.num_cells = c.model.multiplier = c.model.steps = c.model.node_multiplier = 1
-  c.search.epochs = c.evaluate.epochs = 1
-  c.search.batch_size = c.evaluate.batch_size = 4
-  c.evaluate.late_fusion = False
-  c.stages = "prepare,search,evaluate,report"
+  tiny_run(c, batch_size=4)
   out = pipeline.run(c, os.fspath(tmp_path / "run"))
   fs = shards.read_feature_set(tmp_path / "run" / "features", "ntu")
   assert {k: len(v) for k, v in fs.splits.items()} == {"train": 16, "val": 4, "test": 4,
