@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bmnas_jax import genotype as genotype_lib
+from bmnas_jax.baselines import stage_of
 from bmnas_jax.checkpoint import write_json_atomic
 from bmnas_jax.data.feature_set import FeatureSet
 from bmnas_jax.evaluate import run_evaluate
+from bmnas_jax.fixed_net import fixed_net_from_config
 
 if TYPE_CHECKING:
   from bmnas_jax.data.shards import ShardSource
@@ -34,6 +36,18 @@ def ablation_genotypes(searched: genotype_lib.Genotype, seed: int,
   return rows
 
 
+def release_fusion_model(config, fs: FeatureSet | ShardSource, table: str, name: str,
+                         g: genotype_lib.Genotype):
+  """The network a Table 7 row retrains under `config.fidelity='reference'`: the
+  row's feature selection with every Cell replaced whole (steps and tail) by the
+  original release's fusion `name` (`release_fusion`). None for every other row
+  and under `paper` fidelity (the row's genotype, Fig. 2 Cells, is retrained)."""
+  if table != "fusion" or config.fidelity != "reference":
+    return None
+  return fixed_net_from_config(config, fs.nodes, g, dropout=config.evaluate.dropout,
+                               fusion_cells=name)
+
+
 def run_ablations(config, fs: FeatureSet | ShardSource, searched: genotype_lib.Genotype,
                   workdir: str, searched_result: dict) -> dict:
   """Retrains every ablation genotype over `config.seeds` seeds (each its own stage
@@ -41,14 +55,17 @@ def run_ablations(config, fs: FeatureSet | ShardSource, searched: genotype_lib.G
 
   Each row's value is the final-epoch test metric, mean ± std over seeds, the
   same protocol as the searched row (`searched_result`, the evaluate stage's).
+  Under `reference` fidelity the Table 7 rows retrain the release's whole-Cell
+  fusions (`release_fusion_model`); their genotypes record the feature selection.
   """
   rows = []
   random_values = []
   for table, name, g in ablation_genotypes(searched, config.seed,
                                            config.get("ablate", {}).get("random_trials", 5)):
     # late fusion shares its folder with the evaluate stage's baseline (reused if done)
-    stage = "late_fusion" if name == "late_fusion" else os.path.join("ablate", name)
-    res = run_evaluate(config, fs, g, workdir, stage=stage)
+    stage = stage_of("late_fusion") if name == "late_fusion" else os.path.join("ablate", name)
+    res = run_evaluate(config, fs, g, workdir, stage=stage,
+                       model=release_fusion_model(config, fs, table, name, g))
     rows.append({"table": table, "name": name, "test": res["final_test"],
                  "genotypes": [g.to_json_dict()]})
     if name.startswith("random_"):

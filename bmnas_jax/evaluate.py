@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import TYPE_CHECKING
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -27,9 +29,13 @@ def mean_std(values) -> dict[str, float]:
   return {"mean": float(v.mean()), "std": float(v.std(ddof=0)), "values": v.tolist()}
 
 
-def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Genotype,
-                 workdir: str, stage: str = "evaluate") -> dict:
+def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Genotype | None,
+                 workdir: str, stage: str = "evaluate", model: nn.Module | None = None) -> dict:
   """Retrains `genotype` on `config.evaluate.train_splits` for `config.seeds` seeds.
+
+  `model` (optional) replaces the genotype's fixed network: any Flax module called
+  as `model.apply(variables, features, train)` -> logits `[N, K]` (a baseline, or a
+  network built differently from the genotype); `genotype` may then be None.
 
   Reports the test metric at the final epoch (per seed, mean ± std), and separately
   the test metric at the epoch the validation split selects (best val metric; when
@@ -50,7 +56,8 @@ def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Ge
   mesh = loop.mesh_from_config(config)
   loop.check_batch_divides(ec.batch_size, mesh, "config.evaluate.batch_size")
   block = loop.stream_block(config)
-  model = fixed_net_from_config(config, fs.nodes, genotype, dropout=ec.dropout)
+  if model is None:
+    model = fixed_net_from_config(config, fs.nodes, genotype, dropout=ec.dropout)
   train_splits = tuple(ec.train_splits)
   train_rows = loop.ViewRows(fs, train_splits, "config.evaluate.train_splits")
   n_train = train_rows.examples
@@ -97,13 +104,19 @@ def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Ge
         write_json_atomic(os.path.join(stage_dir, "metrics.json"),
                           summarize(history, seeds, config, genotype, val_held_out, stage))
 
-    fp = {"genotype": genotype.to_json_dict(), "evaluate": json.loads(ec.to_json()),
+    fp = {"genotype": genotype and genotype.to_json_dict(), "model_id": model_id(model),
+          "evaluate": json.loads(ec.to_json()),
           "model": json.loads(config.model.to_json()), "fidelity": config.fidelity,
           "seed": config.seed, "seeds": config.seeds, "metric": json.loads(config.metric.to_json())}
     _, history, _ = loop.run_epochs(stage_dir, fp, states, epochs, ec.epochs, on_epoch,
                                     write_outputs, stage, {})
   return {**summarize(history, seeds, config, genotype, val_held_out, stage),
           "epoch_traces": epochs.traces}
+
+
+def model_id(model: nn.Module) -> str:
+  """A short id of a module's class and attributes (its repr): part of a stage's fingerprint."""
+  return hashlib.sha256(repr(model).encode()).hexdigest()[:16]
 
 
 def summarize(history, seeds, config, genotype, val_held_out: bool, stage: str) -> dict:
@@ -114,7 +127,7 @@ def summarize(history, seeds, config, genotype, val_held_out: bool, stage: str) 
   return {
       "stage": stage, "metric": config.metric.name, "seeds": seeds,
       "epochs": len(history), "train_splits": list(config.evaluate.train_splits),
-      "genotype": genotype.to_json_dict(),
+      "genotype": genotype and genotype.to_json_dict(),
       "final_test": mean_std(test[-1]),
       "final_val": mean_std(val[-1]),
       "val_selected": {"epoch": sel.tolist(), "val_held_out": val_held_out,

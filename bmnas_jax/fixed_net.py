@@ -7,8 +7,9 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax
 
-from bmnas_jax import layers, ops
+from bmnas_jax import layers, ops, release_fusion
 from bmnas_jax.data.feature_set import NodeSpec
+from bmnas_jax.errors import ConfigError
 from bmnas_jax.genotype import CellGene, Genotype, GenotypeError, validate
 from bmnas_jax.reshape import ReshapeInput
 
@@ -28,12 +29,17 @@ class FixedCell(nn.Module):
     for i, step in enumerate(self.gene.steps):
       op = ops.make_op(step.op, self.fidelity, self.dropout, name=f"step{i}_{step.op}")
       states.append(op(states[step.inputs[0]], states[step.inputs[1]], train))
-    return layers.CellTail(self.dropout, name="tail")(
+    return layers.CellTail(self.dropout, self.fidelity, name="tail")(
         [states[j] for j in self.gene.concat], x, train)
 
 
 class FixedNet(nn.Module):
   """Reshape layers for the used features, the genotype's Cells, the head.
+
+  `fusion_cells` (a `release_fusion.RELEASE_FUSIONS` name, `reference` fidelity
+  only) replaces every Cell, inner steps and tail, by that whole-Cell fusion of the
+  original release (its Table 7 ablation); the Cells' inputs, the reshape layers
+  and the head stay as the genotype says. Empty: the genotype's Cells.
 
   Args (call): features: node name -> `[N, C_in, L_in]`. Returns logits `[N, K]`.
   """
@@ -44,15 +50,24 @@ class FixedNet(nn.Module):
   num_classes: int
   fidelity: str = "paper"
   dropout: float = 0.0
+  fusion_cells: str = ""
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], train: bool = False) -> jax.Array:
     g = self.genotype
+    if self.fusion_cells and self.fidelity != "reference":
+      raise ConfigError(f"fusion_cells={self.fusion_cells!r} builds the original release's "
+                        f"whole-Cell fusions: it needs fidelity 'reference', not "
+                        f"{self.fidelity!r}")
     used = set(g.used_nodes())
-    states = [ReshapeInput(self.C, self.L, self.dropout, name=f"reshape_{n.name}")(
-        features[n.name], train) if n.name in used else None for n in self.nodes]
+    states = [ReshapeInput(self.C, self.L, self.dropout, self.fidelity,
+                           name=f"reshape_{n.name}")(features[n.name], train)
+              if n.name in used else None for n in self.nodes]
     for k, gene in enumerate(g.cells):
-      cell = FixedCell(gene, self.fidelity, self.dropout, name=f"cell_{k}")
+      if self.fusion_cells:
+        cell = release_fusion.make_fusion(self.fusion_cells, self.dropout, name=f"cell_{k}")
+      else:
+        cell = FixedCell(gene, self.fidelity, self.dropout, name=f"cell_{k}")
       states.append(cell(states[gene.inputs[0]], states[gene.inputs[1]], train))
     return layers.FusionHead(self.num_classes, name="head")([states[u] for u in g.concat])
 
@@ -66,10 +81,22 @@ def check_genotype_nodes(genotype: Genotype, nodes: Sequence[NodeSpec]) -> None:
 
 
 def fixed_net_from_config(config, nodes: Sequence[NodeSpec], genotype: Genotype,
-                          dropout: float | None = None) -> FixedNet:
-  """Builds the fixed network for `genotype` with `config.model` shapes."""
+                          dropout: float | None = None, fusion_cells: str = "") -> FixedNet:
+  """Builds the fixed network for `genotype` with `config.model` shapes.
+
+  `fusion_cells`: a release whole-Cell fusion replacing every Cell (see `FixedNet`);
+  needs `config.fidelity='reference'`.
+  """
   validate(genotype)
   check_genotype_nodes(genotype, nodes)
+  if fusion_cells:
+    if fusion_cells not in release_fusion.RELEASE_FUSIONS:
+      raise ConfigError(f"fusion_cells={fusion_cells!r}; valid: "
+                        f"{', '.join(release_fusion.RELEASE_FUSIONS)}")
+    if config.fidelity != "reference":
+      raise ConfigError(f"fusion_cells={fusion_cells!r} builds the original release's "
+                        f"whole-Cell fusions: it needs config.fidelity='reference', not "
+                        f"{config.fidelity!r}")
   m = config.model
   return FixedNet(tuple(nodes), genotype, m.C, m.L, m.num_classes, config.fidelity,
-                  m.dropout if dropout is None else dropout)
+                  m.dropout if dropout is None else dropout, fusion_cells)

@@ -85,8 +85,70 @@ class Dropout(nn.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
-def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
-  """BatchNorm1d over the channel axis of `[N, C, L]` (PyTorch momentum 0.1, eps 1e-5)."""
+class TorchBatchNorm(nn.Module):
+  """BatchNorm over one feature axis (`axis`, default the last) with PyTorch's semantics.
+
+  Statistics are taken over every other axis (batch and spatial/length axes, as
+  torch's BatchNorm1d/2d/3d over `[n, C, ...]` inputs). Train mode normalises with
+  the batch mean and biased variance and, unless initialising, updates the running
+  stats with the batch mean and the UNBIASED variance (`m / (m - 1)`, m values per
+  channel), as torch does: `running = momentum * running + (1 - momentum) * batch`
+  (Flax momentum 0.9 is torch's 0.1). Eval mode uses the running stats. Variables
+  (the names and shapes of `nn.BatchNorm`): params `scale`, `bias`; batch_stats
+  `mean`, `var`, each `[C]`.
+
+  The mode is the call's `train` argument or, when that is None, `not
+  use_running_average`.
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis: int = -1
+  use_running_average: bool | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool | None = None) -> jax.Array:
+    """Args: x: `[n, ..., C, ...]` with C at `axis`. Returns: the same shape."""
+    if train is None:
+      if self.use_running_average is None:
+        raise ValueError("TorchBatchNorm: pass train= or set use_running_average")
+      train = not self.use_running_average
+    axis = self.axis % x.ndim
+    c = x.shape[axis]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if train:
+      axes = tuple(a for a in range(x.ndim) if a != axis)
+      n = math.prod(x.shape) // c
+      if n < 2:
+        raise ValueError(f"TorchBatchNorm in train mode needs more than 1 example per "
+                         f"channel, got input shape {x.shape}")
+      mean, var = jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean
+        ra_var.value = m * ra_var.value + (1 - m) * var * (n / (n - 1))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    shape = [1] * x.ndim
+    shape[axis] = c
+    mean, var, scale, bias = (v.reshape(shape) for v in (mean, var, scale, bias))
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def batch_norm(train: bool, name: str | None = None,
+               fidelity: str = "paper") -> nn.BatchNorm | TorchBatchNorm:
+  """BatchNorm1d over the channel axis of `[N, C, L]` (PyTorch momentum 0.1, eps 1e-5).
+
+  `paper`: Flax's `nn.BatchNorm` (running variance from the biased batch variance).
+  `reference`: `TorchBatchNorm`, whose running variance takes the unbiased batch
+  variance (`n / (n - 1)`, n = N * L) as PyTorch's does. Same variables either way.
+  Call the result on `x` alone: the mode is fixed here by `train`.
+  """
+  if fidelity == "reference":
+    return TorchBatchNorm(momentum=0.9, epsilon=1e-5, axis=1, use_running_average=not train,
+                          name=name)
   return nn.BatchNorm(use_running_average=not train, axis=1, momentum=0.9,
                       epsilon=1e-5, name=name)
 
@@ -102,8 +164,10 @@ class CellTail(nn.Module):
   than one), plus the residual x, then LayerNorm over (C, L).
 
   Args: outs: list of `[N, C, L]` step outputs; x `[N, C, L]`. Returns `[N, C, L]`.
+  `fidelity` picks the BatchNorm's running-variance rule (`batch_norm`).
   """
   dropout: float = 0.0
+  fidelity: str = "paper"
 
   @nn.compact
   def __call__(self, outs, x, train: bool = False):
@@ -111,7 +175,7 @@ class CellTail(nn.Module):
     out = jnp.concatenate(outs, axis=1)
     if len(outs) > 1:
       out = PointwiseConv(c, name="out_conv")(out)
-      out = batch_norm(train, name="out_bn")(out)
+      out = batch_norm(train, name="out_bn", fidelity=self.fidelity)(out)
       out = nn.relu(out)
       out = Dropout(self.dropout, deterministic=not train)(out)
     return layer_norm_cl(name="ln")(out + x)

@@ -78,8 +78,8 @@ class ScaleDotAttn(nn.Module):
 class LinearGLU(nn.Module):
   """Paper Eq. 7: (x W1) * sigmoid(y W2) over channels, W1, W2 `[C, C]`.
 
-  `reference`: Conv1d(2C -> 2C) on concat(x, y), BatchNorm(2C), GLU over
-  channels, Dropout.
+  `reference`: Conv1d(2C -> 2C) on concat(x, y), BatchNorm(2C) (PyTorch's
+  unbiased running variance), GLU over channels, Dropout.
   """
   fidelity: str = "paper"
   dropout: float = 0.0
@@ -92,7 +92,7 @@ class LinearGLU(nn.Module):
       b = layers.PointwiseConv(c, use_bias=False, name="w2")(y)
       return a * jax.nn.sigmoid(b)
     out = layers.PointwiseConv(2 * c, name="conv")(jnp.concatenate([x, y], axis=1))
-    out = layers.batch_norm(train, name="bn")(out)
+    out = layers.batch_norm(train, name="bn", fidelity=self.fidelity)(out)
     out = out[:, :c] * jax.nn.sigmoid(out[:, c:])
     return layers.Dropout(self.dropout, deterministic=not train)(out)
 
@@ -100,7 +100,8 @@ class LinearGLU(nn.Module):
 class ConcatFC(nn.Module):
   """Paper Eq. 8: ReLU(concat(x, y) W + b), 2C -> C.
 
-  `reference`: Conv1d(2C -> C), BatchNorm(C), ReLU, Dropout.
+  `reference`: Conv1d(2C -> C), BatchNorm(C) (PyTorch's unbiased running
+  variance), ReLU, Dropout.
   """
   fidelity: str = "paper"
   dropout: float = 0.0
@@ -110,7 +111,7 @@ class ConcatFC(nn.Module):
     c = x.shape[1]
     out = layers.PointwiseConv(c, name="conv")(jnp.concatenate([x, y], axis=1))
     if self.fidelity == "reference":
-      out = layers.batch_norm(train, name="bn")(out)
+      out = layers.batch_norm(train, name="bn", fidelity=self.fidelity)(out)
       out = nn.relu(out)
       return layers.Dropout(self.dropout, deterministic=not train)(out)
     return nn.relu(out)

@@ -16,7 +16,8 @@ from bmnas_jax.errors import ConfigError
 RESTART_TOLERANCE = 1e-10
 
 WEIGHT_DEFAULTS = {"b1": 0.9, "b2": 0.999}
-ARCH_DEFAULTS = {"lr": 3e-4, "b1": 0.5, "b2": 0.999, "weight_decay": 1e-3}
+ARCH_DEFAULTS = {"lr": 3e-4, "b1": 0.5, "b2": 0.999, "weight_decay": 1e-3, "lr_for_steps": 0,
+                 "warmup_epochs": 0}
 
 
 def cosine_warm_restarts_table(eta_max: float, eta_min: float, t_i: float, t_mult: float,
@@ -251,13 +252,21 @@ def weight_optimizer(opt_cfg: Any, batches_per_epoch: float, total_steps: int,
   return torch_adam_l2(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
 
 
-def arch_optimizer(opt_cfg: Optional[Any] = None) -> optax.GradientTransformation:
+def arch_optimizer(opt_cfg: Optional[Any] = None, steps_per_epoch: int | None = None
+                   ) -> optax.GradientTransformation:
   """PyTorch-style Adam with L2 decay and a constant rate, for arch weights.
 
   Args:
     opt_cfg: `ml_collections.ConfigDict` (or dict) with optional keys `lr`
-      (default 3e-4), `b1` (0.5), `b2` (0.999), `weight_decay` (1e-3); None
-      takes all defaults.
+      (default 3e-4), `b1` (0.5), `b2` (0.999), `weight_decay` (1e-3) and
+      `lr_for_steps` (0); None takes all defaults. `lr_for_steps` > 0 (beyond the
+      paper) says `lr` is meant for that many arch steps an epoch: the rate used is
+      `lr * lr_for_steps / steps_per_epoch`, so a search with few validation batches
+      moves its architecture weights as far per epoch as one with many.
+      `warmup_epochs` (0; beyond the paper): the rate is 0 for that many epochs of arch
+      steps, so the architecture starts moving once the weights have trained.
+    steps_per_epoch: arch steps an epoch (needed when `lr_for_steps` or
+      `warmup_epochs` > 0).
 
   Returns:
     The `optax.GradientTransformation`.
@@ -270,6 +279,16 @@ def arch_optimizer(opt_cfg: Optional[Any] = None) -> optax.GradientTransformatio
   lr = _number(opt_cfg, "lr", where, ARCH_DEFAULTS)
   weight_decay = _number(opt_cfg, "weight_decay", where, ARCH_DEFAULTS)
   _require(lr > 0.0, where, "lr", "> 0", lr)
+  lr_for_steps = _number(opt_cfg, "lr_for_steps", where, ARCH_DEFAULTS)
+  _require(lr_for_steps >= 0.0, where, "lr_for_steps", ">= 0", lr_for_steps)
+  if lr_for_steps > 0:
+    lr *= lr_for_steps / steps_per_epoch
+  warmup = _number(opt_cfg, "warmup_epochs", where, ARCH_DEFAULTS)
+  _require(warmup >= 0.0 and warmup == int(warmup), where, "warmup_epochs", "an int >= 0",
+           warmup)
+  if warmup > 0:
+    start, rate = int(warmup) * steps_per_epoch, lr
+    lr = lambda count: jnp.where(count < start, 0.0, rate)
   _require(weight_decay >= 0.0, where, "weight_decay", ">= 0", weight_decay)
   b1, b2 = _betas(opt_cfg, where, ARCH_DEFAULTS)
   return torch_adam_l2(lr, b1=b1, b2=b2, weight_decay=weight_decay)

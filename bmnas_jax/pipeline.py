@@ -9,6 +9,7 @@ from absl import logging
 
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax.ablate import run_ablations
+from bmnas_jax.baselines import run_baselines
 from bmnas_jax.errors import ConfigError, DataError
 from bmnas_jax.evaluate import run_evaluate
 from bmnas_jax.report.report import write_report
@@ -76,9 +77,10 @@ def run(config, workdir: str) -> dict:
     searched = genotype_lib.load(searched_path)
   if "evaluate" in stages:
     results["evaluate"] = run_evaluate(config, fs, searched, workdir)
-    if config.evaluate.get("late_fusion", True):
-      results["late_fusion"] = run_evaluate(config, fs, genotype_lib.late_fusion(fs.node_names),
-                                            workdir, stage="late_fusion")
+    if config.evaluate.get("finetune_backbones", False):
+      from bmnas_jax.finetune import run_finetune     # backbones and raw data: on demand
+      results["evaluate_finetune"] = run_finetune(config, workdir, searched)
+    results["baselines"] = run_baselines(config, fs, workdir)
   if "ablate" in stages:
     ev = results.get("evaluate") or _read_json(os.path.join(workdir, "evaluate", "metrics.json"))
     results["ablate"] = run_ablations(config, fs, searched, workdir, ev)

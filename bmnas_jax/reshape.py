@@ -27,15 +27,17 @@ class ReshapeInput(nn.Module):
 
   Spatial pooling happens at extraction (the shards hold `[C_in, L_in]`); this
   is the learned part. Args: x `[N, C_in, L_in]`. Returns `[N, C, L]`.
+  `fidelity` picks the BatchNorm's running-variance rule (`layers.batch_norm`).
   """
   C: int
   L: int
   dropout: float = 0.0
+  fidelity: str = "paper"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = resize_nearest(x, self.L)
     x = layers.PointwiseConv(self.C, name="conv")(x)
-    x = layers.batch_norm(train, name="bn")(x)
+    x = layers.batch_norm(train, name="bn", fidelity=self.fidelity)(x)
     x = nn.relu(x)
     return layers.Dropout(self.dropout, deterministic=not train)(x)

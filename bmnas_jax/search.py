@@ -24,6 +24,14 @@ if TYPE_CHECKING:
   from bmnas_jax.data.shards import ShardSource
 
 ALTERNATIONS = ("epoch", "step")
+# Which epoch's genotype a seed keeps (config.search.select): the first epoch with the best
+# val metric (the paper); the lowest val loss; the last epoch; or the original release's
+# rule: the best val metric, ties to the later epoch for accuracy (its NTU and EgoGesture
+# searches compare with >=) and to the earlier for F1 (its MM-IMDB search uses >). The
+# release measures that metric in training mode during its arch phase; here it is the
+# val split's metric in eval mode after the epoch, as for the other rules. Epochs before
+# config.search.arch_opt.warmup_epochs (the arch weights have not moved) are never kept.
+SELECTIONS = ("val", "val_loss", "last", "release")
 # config.data keys that choose how the data reach the devices, not the results.
 DATA_ACCESS_KEYS = ("in_memory", "stream_block")
 
@@ -108,13 +116,16 @@ def fingerprint(config) -> dict:
            "seeds": c.seeds, "search_batch": c.search.batch_size,
            "alternation": c.search.alternation, "weight_opt": c.search.weight_opt,
            "arch_opt": c.search.arch_opt, "metric": c.metric,
+           "select": c.search.get("select", "val"),
+           "arch_entropy": c.search.get("arch_entropy", 0.0),
            "train_reshape": c.search.get("train_reshape", True)}
   fp = {k: json.loads(v.to_json()) if hasattr(v, "to_json") else v for k, v in parts.items()}
   fp["data"] = {k: v for k, v in fp["data"].items() if k not in DATA_ACCESS_KEYS}
   return fp
 
 
-def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResult:
+def run_search(config, fs: FeatureSet | ShardSource, workdir: str,
+               stage: str = "search") -> SearchResult:
   """Searches `config.seeds` seeds together; writes `workdir/search/...`.
 
   `fs` is a FeatureSet (splits held on the devices) or a `shards.ShardSource`
@@ -133,6 +144,13 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResu
                       f"{', '.join(ALTERNATIONS)}")
   if not isinstance(sc.epochs, int) or sc.epochs < 1:
     raise ConfigError(f"config.search.epochs={sc.epochs!r} must be a positive int")
+  select = sc.get("select", "val")
+  if select not in SELECTIONS:
+    raise ConfigError(f"config.search.select={select!r}; valid: {', '.join(SELECTIONS)}")
+  warmup = sc.arch_opt.get("warmup_epochs", 0)
+  if not isinstance(warmup, int) or not 0 <= warmup < sc.epochs:
+    raise ConfigError(f"config.search.arch_opt.warmup_epochs={warmup!r} must be an int in "
+                      f"[0, config.search.epochs={sc.epochs})")
   seeds = seed_list(config)
   mesh = loop.mesh_from_config(config)
   loop.check_batch_divides(sc.batch_size, mesh, "config.search.batch_size")
@@ -149,7 +167,7 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResu
   w_tx = optim.weight_optimizer_from_config(config, sc.weight_opt, n_train, batch, sc.epochs)
   if not sc.get("train_reshape", True):   # the release's NTU search: reshape layers stay at init
     w_tx = optim.freeze(w_tx, lambda path: path[0].startswith("reshape_"))
-  a_tx = optim.arch_optimizer(sc.arch_opt)
+  a_tx = optim.arch_optimizer(sc.arch_opt, nb_val if sc.alternation == "epoch" else nb_train)
   steps = Steps.from_config(model, fs.label_kind, w_tx, a_tx, config)
 
   def plan(key, epoch):
@@ -175,7 +193,7 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResu
   with jax.set_mesh(mesh):
     keys = loop.shard_seeds(seed_keys(seeds, 0), mesh)
     states = jax.jit(jax.vmap(lambda k: steps.init_state(k, epochs.sample_x)))(keys)
-    stage_dir = os.path.join(workdir, "search")
+    stage_dir = os.path.join(workdir, stage)
     multi = len(seeds) > 1
 
     def on_epoch(epoch, states, m, seconds, extra):
@@ -193,7 +211,12 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResu
       genos = [genotype_lib.derive_from_config(a, names, config) for a in per_seed]
       val_metric = [float(v) for v in m["val_metric"]]
       for s in range(len(seeds)):
-        if extra["best_epoch"][s] < 0 or val_metric[s] > extra["best_val_metric"][s]:
+        if epoch < warmup:              # the arch weights have not moved yet
+          continue
+        score = selection_score(select, val_metric[s], float(m["val_loss"][s]), epoch)
+        if keeps(select, config.metric.name, extra["best_score"][s], score,
+                 extra["best_epoch"][s] < 0):
+          extra["best_score"][s] = score
           extra["best_val_metric"][s] = val_metric[s]
           extra["best_epoch"][s] = epoch
           extra["best_genotype"][s] = genos[s].to_json_dict()
@@ -220,10 +243,10 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResu
           path = os.path.join(stage_dir, "genotypes", f"epoch_{r['epoch']:03d}{suffix}.json")
           if not os.path.exists(path):
             genotype_lib.save(genotype_lib.from_json_dict(g), path)
-      if not history:
+      if not history or None in extra["best_genotype"]:     # nothing kept yet (warm-up)
         return
       best = [genotype_lib.from_json_dict(g) for g in extra["best_genotype"]]
-      chosen = int(np.argmax(extra["best_val_metric"]))
+      chosen = chosen_seed_index(select, extra)
       genotype_lib.save(best[chosen], os.path.join(stage_dir, "best_genotype.json"))
       if multi:
         for s, g in enumerate(best):
@@ -231,18 +254,42 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str) -> SearchResu
       write_json_atomic(os.path.join(stage_dir, "summary.json"), {
           "seeds": seeds, "metric": config.metric.name, "epochs_done": len(history),
           "best_val_metric": extra["best_val_metric"], "best_epoch": extra["best_epoch"],
-          "chosen_seed": seeds[chosen], "agreement": agreement(best),
+          "select": select, "chosen_seed": seeds[chosen], "agreement": agreement(best),
           "seconds": round(sum(r["seconds"] for r in history), 3)})
 
-    extra0 = {"best_val_metric": [-np.inf] * len(seeds), "best_epoch": [-1] * len(seeds),
+    extra0 = {"best_score": [-np.inf] * len(seeds),
+              "best_val_metric": [-np.inf] * len(seeds), "best_epoch": [-1] * len(seeds),
               "best_genotype": [None] * len(seeds)}
     states, history, extra = loop.run_epochs(
         stage_dir, fingerprint(config), states, epochs, sc.epochs, on_epoch, write_outputs,
         "search", extra0)
   best = [genotype_lib.from_json_dict(g) for g in extra["best_genotype"]]
-  chosen = int(np.argmax(extra["best_val_metric"]))
+  chosen = chosen_seed_index(select, extra)
   return SearchResult(seeds, best, list(extra["best_val_metric"]), list(extra["best_epoch"]),
                       best[chosen], sum(r["seconds"] for r in history), history, epochs.traces)
+
+
+def selection_score(select: str, val_metric: float, val_loss: float, epoch: int) -> float:
+  """The number `config.search.select` maximizes over a seed's epochs: the val metric,
+  minus the val loss, or the epoch."""
+  if select == "val_loss":
+    return -val_loss
+  if select == "last":
+    return float(epoch)
+  return val_metric
+
+
+def keeps(select: str, metric: str, best: float, score: float, first: bool) -> bool:
+  """Whether an epoch scoring `score` replaces a seed's kept genotype (score `best`):
+  a higher score always; an equal one only under `select='release'` with accuracy."""
+  return first or score > best or (select == "release" and metric == "accuracy"
+                                   and score == best)
+
+
+def chosen_seed_index(select: str, extra: dict) -> int:
+  """The seed whose genotype is `best_genotype.json`: the lowest val loss for
+  `select='val_loss'`, else the best val metric at the seeds' kept epochs."""
+  return int(np.argmax(extra["best_score" if select == "val_loss" else "best_val_metric"]))
 
 
 def alternation_step(steps: Steps):

@@ -90,7 +90,7 @@ class SearchCell(nn.Module):
         out = out + gamma_w[i, f] * op(sx, sy, train)
       states.append(out)
       offset += n_in
-    return layers.CellTail(self.dropout, name="tail")(
+    return layers.CellTail(self.dropout, self.fidelity, name="tail")(
         states[-self.node_multiplier:], x, train)
 
 
@@ -113,8 +113,9 @@ class Hypernet(nn.Module):
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], train: bool = False) -> jax.Array:
-    states = [ReshapeInput(self.C, self.L, self.dropout, name=f"reshape_{n.name}")(
-        features[n.name], train) for n in self.nodes]
+    states = [ReshapeInput(self.C, self.L, self.dropout, self.fidelity,
+                           name=f"reshape_{n.name}")(features[n.name], train)
+              for n in self.nodes]
     for k in range(self.num_cells):
       cell = SearchCell(self.steps, self.node_multiplier, self.fidelity, self.dropout,
                         self.two_slot, name=f"cell_{k}")

@@ -73,6 +73,17 @@ def _code(*checks) -> jax.Array:
   return code
 
 
+def mean_entropy_ratio(arch) -> jax.Array:
+  """Mean over every softmax row of the arch logits (last axis) of `H / log(size)`:
+  1 for uniform weights, 0 for one-hot. Args: the `arch` collection. Returns a scalar."""
+  ratios = []
+  for logits in jax.tree.leaves(arch):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    h = -(jnp.exp(logp) * logp).sum(-1)
+    ratios.append((h / jnp.log(logits.shape[-1])).ravel())
+  return jnp.concatenate(ratios).mean()
+
+
 class Steps:
   """The pure step functions of one model, loss and pair of optimizers.
 
@@ -83,11 +94,19 @@ class Steps:
     metric, threshold: the evaluation metric and the multi-label decision threshold.
     zero_division: F1 of a class with no true and no predicted positives (scikit-learn's
       convention; 1.0 is the original release's `zero_division=1`).
+    arch_updates_batch_stats: whether `arch_step` keeps the BatchNorm running
+      statistics its training-mode forward pass updates from the val batch (the
+      original release, whose model is in train mode during the architecture step),
+      or discards them (default).
+    arch_entropy: weight of the mean normalized entropy of the architecture softmaxes
+      added to the arch step's loss (beyond the paper: > 0 pushes each softmax to
+      commit, `mean_entropy_ratio`); the reported loss is the task loss alone.
   """
 
   def __init__(self, model: nn.Module, label_kind: str, w_tx: optax.GradientTransformation,
                a_tx: optax.GradientTransformation | None = None, metric: str = "accuracy",
-               threshold: float = 0.3, zero_division: float = 0.0):
+               threshold: float = 0.3, zero_division: float = 0.0,
+               arch_updates_batch_stats: bool = False, arch_entropy: float = 0.0):
     if metric not in METRICS:
       raise ConfigError(f"config.metric.name={metric!r}; valid: {', '.join(METRICS)}")
     if label_kind == "single" and metric != "accuracy":
@@ -98,15 +117,23 @@ class Steps:
     self.loss = loss_fn(label_kind)
     self.w_tx, self.a_tx = w_tx, a_tx
     self.metric, self.threshold, self.zero_division = metric, threshold, zero_division
+    self.arch_updates_batch_stats = arch_updates_batch_stats
+    self.arch_entropy = float(arch_entropy)
 
   @classmethod
   def from_config(cls, model: nn.Module, label_kind: str, w_tx: optax.GradientTransformation,
                   a_tx: optax.GradientTransformation | None, config) -> "Steps":
-    """The steps with `config.metric` (name, threshold); F1 with the release's
-    `zero_division=1` under `config.fidelity='reference'`, scikit-learn's default 0
-    otherwise."""
+    """The steps with `config.metric` (name, threshold). Under
+    `config.fidelity='reference'` the release's behaviour: F1 with `zero_division=1`
+    and val batches folded into the BatchNorm running statistics by the arch step;
+    otherwise scikit-learn's default 0 and running statistics from train batches only."""
+    reference = config.fidelity == "reference"
+    arch_entropy = config.get("search", {}).get("arch_entropy", 0.0)
+    if isinstance(arch_entropy, bool) or not isinstance(arch_entropy, (int, float)):
+      raise ConfigError(f"config.search.arch_entropy={arch_entropy!r} must be a number")
     return cls(model, label_kind, w_tx, a_tx, config.metric.name, config.metric.threshold,
-               1.0 if config.fidelity == "reference" else 0.0)
+               1.0 if reference else 0.0, arch_updates_batch_stats=reference,
+               arch_entropy=arch_entropy)
 
   def init_state(self, key: jax.Array, sample_x) -> TrainState:
     """A fresh state for one seed: model variables from `key` (params and dropout
@@ -141,20 +168,27 @@ class Steps:
     return state.replace(params=params, batch_stats=bs, w_opt=w_opt), {"loss": loss, "bad": bad}
 
   def arch_step(self, state: TrainState, batch, key: jax.Array):
-    """One first-order step on arch (val batch); params and batch_stats untouched.
+    """One first-order step on arch (val batch); params untouched.
 
     BatchNorm runs in training mode (batch statistics), as in the original
-    release; the running statistics are not updated by validation batches.
+    release. The running statistics the forward pass updates from the val batch
+    are kept with `arch_updates_batch_stats` (the release) and discarded
+    otherwise (batch_stats untouched).
     """
     def objective(arch):
-      logits, _ = self._forward_train(state.params, arch, state.batch_stats, batch["x"], key)
-      return self.loss(logits, batch["y"])
+      logits, bs = self._forward_train(state.params, arch, state.batch_stats, batch["x"], key)
+      task = self.loss(logits, batch["y"])
+      total = task + self.arch_entropy * mean_entropy_ratio(arch) if self.arch_entropy else task
+      return total, (task, bs)
 
-    loss, grads = jax.value_and_grad(objective)(state.arch)
+    (_, (loss, bs)), grads = jax.value_and_grad(objective, has_aux=True)(state.arch)
     updates, a_opt = self.a_tx.update(grads, state.a_opt, state.arch)
     arch = optax.apply_updates(state.arch, updates)
     bad = _code((jnp.isfinite(loss), 1), (_all_finite(grads), 3), (_all_finite(arch), 5))
-    return state.replace(arch=arch, a_opt=a_opt), {"loss": loss, "bad": bad}
+    new = state.replace(arch=arch, a_opt=a_opt)
+    if self.arch_updates_batch_stats:
+      new = new.replace(batch_stats=bs)
+    return new, {"loss": loss, "bad": bad}
 
   def eval_step(self, state: TrainState, batch):
     """Loss sum and metric counts over the unmasked rows (BatchNorm in eval mode)."""

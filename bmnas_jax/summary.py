@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,8 @@ from bmnas_jax.genotype import Genotype
 from bmnas_jax.search_space import hypernet_from_config
 
 PARTS = ("reshape", "fusion", "head")
+# top-level modules counted as the head: the fusion head, the baselines' MLP layers
+HEAD_MODULES = ("head", "fc1", "bn", "fc2")
 
 
 def part_of(top_level_name: str) -> str:
@@ -22,7 +25,7 @@ def part_of(top_level_name: str) -> str:
     return "reshape"
   if top_level_name.startswith("cell_"):
     return "fusion"
-  if top_level_name == "head":
+  if top_level_name in HEAD_MODULES:
     return "head"
   raise ValueError(f"unexpected top-level module {top_level_name!r}")
 
@@ -44,10 +47,14 @@ def dummy_features(nodes, batch: int = 2) -> dict[str, jax.Array]:
 
 
 def describe(config, nodes: tuple[NodeSpec, ...] | None = None,
-             genotype: Genotype | None = None) -> dict[str, Any]:
-  """Shapes only (no compute): total/part parameter counts and every arch entry's shape."""
+             genotype: Genotype | None = None, model: nn.Module | None = None
+             ) -> dict[str, Any]:
+  """Shapes only (no compute): total/part parameter counts and every arch entry's shape,
+  of the search hypernet, a genotype's fixed network, or `model` (e.g. a baseline)."""
   nodes = nodes or nodes_from_config(config.data)
-  if genotype is None:
+  if model is not None:
+    kind = type(model).__name__
+  elif genotype is None:
     model, kind = hypernet_from_config(config, nodes), "hypernet"
   else:
     model, kind = fixed_net_from_config(config, nodes, genotype), "fixed"
@@ -64,5 +71,6 @@ def describe(config, nodes: tuple[NodeSpec, ...] | None = None,
       "batch_stats_total": count(shapes.get("batch_stats", {})),
       "arch_total": count(shapes.get("arch", {})),
       "arch_shapes": arch,
-      "nodes": [n.name for n in nodes] if genotype is None else list(genotype.used_nodes()),
+      "nodes": (list(genotype.used_nodes()) if genotype is not None
+                else list(getattr(model, "nodes", None) or [n.name for n in nodes])),
   }

@@ -80,7 +80,7 @@ def tiny_run(c, batch_size: int | None = None, cells: int = 1, steps: int = 1):
   c.search.epochs = c.evaluate.epochs = 1
   if batch_size is not None:
     c.search.batch_size = c.evaluate.batch_size = batch_size
-  c.evaluate.late_fusion = False
+  c.evaluate.baselines = ()
   c.stages = "prepare,search,evaluate,report"
   return c
 
@@ -94,7 +94,7 @@ def planted_config(**overrides):
   c.data.sizes = (256, 128, 128)
   c.search.epochs, c.search.batch_size = 3, 32
   c.evaluate.epochs, c.evaluate.batch_size = 2, 32
-  c.evaluate.late_fusion = False
+  c.evaluate.baselines = ()
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")

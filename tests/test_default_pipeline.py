@@ -44,8 +44,19 @@ def test_default_pipeline_tiny(tiny_run):
 
 def test_late_fusion_and_ablation_rows(tiny_run):
   tmp_path, out = tiny_run
-  # Late fusion: the last feature of each modality, Image_2 and Shape_2.
-  assert out["late_fusion"]["genotype"]["cells"][0]["inputs"] == [1, 3]
+  # Every baseline trained like the searched network (same seeds, epochs); Table 6's late
+  # fusion takes the last feature of each modality, Image_2 and Shape_2.
+  base = out["baselines"]
+  assert list(base) == ["unimodal_Image", "unimodal_Shape", "concat_mlp", "late_fusion_release",
+                        "late_fusion"]
+  for name, res in base.items():
+    assert res["seeds"] == out["evaluate"]["seeds"] and res["epochs"] == 1, name
+    assert (tmp_path / "baselines" / name / "metrics.json").exists()
+  assert base["late_fusion"]["genotype"]["cells"][0]["inputs"] == [1, 3]
+  report = open(out["report"]).read()
+  for label in ("| Image alone (last feature, MLP) | Image |", "| All features concatenated, MLP |",
+                "| Late fusion (release: concat + MLP) |", "| Late fusion (Table 6: ConcatFC Cell) |"):
+    assert label in report, label
   abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
   names = [(r["table"], r["name"]) for r in abl["rows"]]
   assert names[:3] == [("feature_selection", "random"), ("feature_selection", "late_fusion"),

@@ -15,7 +15,7 @@ def test_own_data_example_end_to_end(tmp_path):
   c.search.epochs = c.evaluate.epochs = 1
   c.model.num_cells = c.model.multiplier = 1
   c.prepare.probe_examples = 100
-  c.evaluate.late_fusion = False
+  c.evaluate.baselines = ()
   out = pipeline.run(c, os.fspath(tmp_path))
   fs = shards.read_feature_set(tmp_path / "features", "own_data")
   assert [(n.name, n.channels, n.length) for n in fs.nodes] == [

@@ -95,7 +95,7 @@ def config(label_kind: str = "single", source: str = "tests.test_prepare:get_dat
   c.devices, c.seeds = 1, 2
   c.search.epochs, c.search.batch_size = 1, 16
   c.evaluate.epochs, c.evaluate.batch_size = 1, 16
-  c.evaluate.late_fusion = False
+  c.evaluate.baselines = ()
   return c
 
 

@@ -111,13 +111,22 @@ def write_optional(wd):
              {"seeds": SEEDS, "epochs": list(range(4)), "softmax": hist})
   write_jsonl(os.path.join(wd, "evaluate", "metrics.jsonl"), eval_records(0.58))
   late = G.late_fusion(NODES).to_json_dict()
-  write_json(os.path.join(wd, "late_fusion", "metrics.json"), {
-      "stage": "late_fusion", "metric": "accuracy", "seeds": SEEDS, "epochs": 3,
+  write_json(os.path.join(wd, "evaluate_finetune", "metrics.json"), {
+      "stage": "evaluate_finetune", "metric": "accuracy", "seeds": SEEDS, "epochs": 3,
+      "backbone_lr_mult": 0.1, "final_test": summary(0.6200, 0.0100)})
+  write_json(os.path.join(wd, "baselines", "concat_mlp", "metrics.json"), {
+      "stage": "baselines/concat_mlp", "metric": "accuracy", "seeds": SEEDS, "epochs": 3,
+      "train_splits": ["train", "val"], "genotype": None,
+      "final_test": summary(0.6000, 0.0050), "final_val": summary(0.64, 0.01),
+      "val_selected": {"epoch": [1, 2], "val_held_out": False,
+                       "test": summary(0.6000, 0.0050)}, "seconds": 20.0})
+  write_json(os.path.join(wd, "baselines", "late_fusion", "metrics.json"), {
+      "stage": "baselines/late_fusion", "metric": "accuracy", "seeds": SEEDS, "epochs": 3,
       "train_splits": ["train", "val"], "genotype": late,
       "final_test": summary(0.6150, 0.0021), "final_val": summary(0.66, 0.01),
       "val_selected": {"epoch": [2, 2], "val_held_out": False,
                        "test": summary(0.6150, 0.0021)}, "seconds": 300.0})
-  write_jsonl(os.path.join(wd, "late_fusion", "metrics.jsonl"), eval_records(0.55))
+  write_jsonl(os.path.join(wd, "baselines", "late_fusion", "metrics.jsonl"), eval_records(0.55))
   write_json(os.path.join(wd, "backbones", "unimodal.json"), {
       "A": {"backbone": "mlp_a", "checkpoint_id": "abc", "val_accuracy": 0.55,
             "test_accuracy": 0.5432, "best_epoch": 3, "epochs": 5, "train_seconds": 12.0},
@@ -155,7 +164,9 @@ def full_run(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("run"))
   write_required(wd)
   write_optional(wd)
-  path = report.write_report(config(), wd)
+  c = config()
+  c.evaluate.baselines = ("concat_mlp", "late_fusion")
+  path = report.write_report(c, wd)
   with open(path) as f:
     return wd, path, f.read()
 
@@ -187,7 +198,10 @@ def test_report_tables_filled(full_run):
   assert md.startswith("# BM-NAS report: planted (fidelity: paper)")
   for text in (
       # Table 1-3 form: unimodal, late fusion, final epoch, val-selected (not held out)
-      "| mlp_a | A | 54.32 |", "| cnn_b | B | 49.87 |", "| Late fusion | A + B | 61.50 ± 0.21 |",
+      "| mlp_a | A | 54.32 |", "| cnn_b | B | 49.87 |", "| Late fusion (Table 6: ConcatFC Cell) | A + B | 61.50 ± 0.21 |",
+      "| All features concatenated, MLP | A + B | 60.00 ± 0.50 |",
+      "| BM-NAS (searched), backbones fine-tuned (lr x 0.1), final epoch | A + B | 62.00 ± 1.00 |",
+      "| Baselines (training) | 320.00 |",
       "| BM-NAS (searched), final epoch | A + B | 62.92 ± 0.03 |",
       "val-selected epoch (val not held out", "63.10 ± 0.12",
       # Table 5 form: search, extraction, evaluation
@@ -262,7 +276,8 @@ def test_missing_optional_inputs_give_notes(tmp_path):
   wd = str(tmp_path)
   write_required(wd)
   md = open(report.write_report(config(), wd)).read()
-  for note in ("backbones/unimodal.json is absent", "late_fusion/metrics.json is absent",
+  for note in ("backbones/unimodal.json is absent", "baselines/late_fusion/metrics.json is absent",
+               "No A alone (last feature, MLP) row (baselines/unimodal_A/metrics.json is absent)",
                "features/prepare.json is absent", "ablate/results.json is absent",
                "search/arch_history.json is absent", "evaluate/metrics.jsonl is absent"):
     assert note in md, note

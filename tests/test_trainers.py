@@ -67,7 +67,7 @@ def test_sigkill_and_resume(reference, tmp_path):
   args = ["--config=experiments/configs/planted.py", "--config.devices=1", "--config.seeds=2",
           "--config.data.sizes=(256,128,128)", "--config.search.batch_size=32",
           "--config.evaluate.batch_size=32", f"--config.search.epochs={REF_EPOCHS}",
-          "--config.evaluate.epochs=2", "--config.evaluate.late_fusion=False",
+          "--config.evaluate.epochs=2", "--config.evaluate.baselines=()",
           "--config.stages=prepare,search,evaluate"]
   killed = str(tmp_path / "killed")
   cmd = [sys.executable, "-m", "experiments.main", *args, f"--workdir={killed}"]

@@ -13,6 +13,7 @@ import jax
 
 from bmnas_jax import diagnostics, ops
 from bmnas_jax import genotype as genotype_lib
+from bmnas_jax.baselines import baseline_specs, stage_of
 from bmnas_jax.checkpoint import write_text_atomic
 from bmnas_jax.report import genotype_plot, plots, tables
 from bmnas_jax.report.tables import Stat, Table
@@ -51,11 +52,12 @@ class RunFiles:
   evaluate: dict
   arch_history: dict | None = None
   evaluate_records: list[dict] | None = None
-  late_fusion: dict | None = None
-  late_fusion_records: list[dict] | None = None
+  baselines: list[dict] = dataclasses.field(default_factory=list)   # baselines.baseline_specs
+                                    # entries + `result` (metrics.json) and `records` (jsonl)
   unimodal: list[dict] | None = None
   prepare: dict | None = None
   ablate: dict | None = None
+  finetune: dict | None = None      # evaluate_finetune/metrics.json (backbones fine-tuned)
 
 
 def _optional(workdir: str, rel: str, reader):
@@ -91,17 +93,22 @@ def read_run(config, workdir: str) -> RunFiles:
                     f"(run the search and evaluate stages first)")
   ablate = _optional(workdir, "ablate/results.json", _read_json)
   unimodal = _optional(workdir, "backbones/unimodal.json", _read_json)
+  genotype = genotype_lib.load(os.path.join(workdir, "search/best_genotype.json"))
   return RunFiles(
       search_records=_read_jsonl(os.path.join(workdir, "search/metrics.jsonl")),
       search_summary=_read_json(os.path.join(workdir, "search/summary.json")),
-      genotype=genotype_lib.load(os.path.join(workdir, "search/best_genotype.json")),
+      genotype=genotype,
       evaluate=_read_json(os.path.join(workdir, "evaluate/metrics.json")),
       arch_history=_optional(workdir, "search/arch_history.json", _read_json),
       evaluate_records=_optional(workdir, "evaluate/metrics.jsonl", _read_jsonl),
-      late_fusion=_optional(workdir, "late_fusion/metrics.json", _read_json),
-      late_fusion_records=_optional(workdir, "late_fusion/metrics.jsonl", _read_jsonl),
+      baselines=[{**spec, "result": _optional(workdir, f"{stage_of(spec['name'])}/metrics.json",
+                                              _read_json),
+                  "records": _optional(workdir, f"{stage_of(spec['name'])}/metrics.jsonl",
+                                       _read_jsonl)}
+                 for spec in baseline_specs(config, genotype.nodes)],
       unimodal=None if unimodal is None else unimodal_rows(unimodal),
       prepare=_optional(workdir, "features/prepare.json", _read_json),
+      finetune=_optional(workdir, "evaluate_finetune/metrics.json", _read_json),
       ablate=ablate)
 
 
@@ -239,12 +246,11 @@ class _Builder:
     if ens and ens.get("metric") == self.metric and "test" in ens:
       rows.append(["Ensemble of the backbones (mean probability, no training)",
                    " + ".join(ens.get("modalities", [])), Stat(float(ens["test"]))])
-    if r.late_fusion is None:
-      notes.append("No late-fusion baseline (late_fusion/metrics.json is absent).")
-    else:
-      lg = genotype_lib.from_json_dict(r.late_fusion["genotype"])
-      rows.append(["Late fusion", modality_string(lg),
-                   Stat.from_summary(r.late_fusion["final_test"])])
+    for b in r.baselines:
+      if b["result"] is None:
+        notes.append(f"No {b['label']} row ({stage_of(b['name'])}/metrics.json is absent).")
+      else:
+        rows.append([b["label"], b["modality"], Stat.from_summary(b["result"]["final_test"])])
     mods = modality_string(r.genotype)
     rows.append(["BM-NAS (searched), final epoch", mods, Stat.from_summary(ev["final_test"])])
     vs = ev.get("val_selected")
@@ -253,6 +259,10 @@ class _Builder:
               else "val not held out: it is among the training splits")
       rows.append([f"BM-NAS (searched), val-selected epoch ({held})", mods,
                    Stat.from_summary(vs["test"])])
+    if r.finetune is not None:
+      rows.append([f"BM-NAS (searched), backbones fine-tuned (lr x "
+                   f"{r.finetune.get('backbone_lr_mult', '?')}), final epoch", mods,
+                   Stat.from_summary(r.finetune["final_test"])])
     return rows, notes
 
   def results(self) -> None:
@@ -267,7 +277,10 @@ class _Builder:
                f"{self.label} (epochs [{_fmt_list(vs.get('epoch', []))}]); the test split "
                f"selects nothing.")
     if r.unimodal is not None:
-      foot += " Unimodal rows: the backbone's own test score."
+      foot += " Backbone rows: the backbone's own test score (one training run)."
+    if r.baselines:
+      foot += (" Baseline rows (bmnas_jax/baselines.py) are retrained on the stored features "
+               "like the searched network: same splits, epochs, optimizer and seeds.")
     if any(row[0].startswith("Ensemble") for row in rows):
       foot += (" Ensemble: the backbones' predicted probabilities averaged, scored as the "
                "other rows.")
@@ -305,13 +318,13 @@ class _Builder:
     rows = []
     specs = [("BM-NAS searched (fixed net)", r.genotype,
               Stat.from_summary(r.evaluate["final_test"]))]
-    if r.late_fusion is not None:
-      specs.append(("Late fusion (fixed net)",
-                    genotype_lib.from_json_dict(r.late_fusion["genotype"]),
-                    Stat.from_summary(r.late_fusion["final_test"])))
+    specs += [(b["label"], b.get("genotype") or b.get("model"),
+               Stat.from_summary(b["result"]["final_test"]))
+              for b in r.baselines if b["result"] is not None]
     specs.append(("Search hypernet", None, None))
     for label, g, stat in specs:
-      d = describe(self.config, genotype=g)
+      d = describe(self.config, genotype=g) if not hasattr(g, "apply") else describe(
+          self.config, model=g)
       p = d["params_per_part"]
       rows.append([label, _cfg(self.config, "name"), tables.format_params(d["params_total"]),
                    d["params_total"], p["reshape"], p["fusion"], p["head"], stat])
@@ -347,11 +360,12 @@ class _Builder:
       rows.append(["Evaluation (retraining)", tables.format_seconds(ev["seconds"]),
                    tables.format_hours(ev["seconds"]), device,
                    f"{ev.get('epochs', '?')} epochs, {len(ev.get('seeds', []))} seeds under vmap"])
-    if r.late_fusion is not None and "seconds" in r.late_fusion:
-      lf = r.late_fusion
-      rows.append(["Late fusion (training)", tables.format_seconds(lf["seconds"]),
-                   tables.format_hours(lf["seconds"]), device,
-                   f"{lf.get('epochs', '?')} epochs, {len(lf.get('seeds', []))} seeds"])
+    done = [b["result"] for b in r.baselines if b["result"] and "seconds" in b["result"]]
+    if done:
+      secs = sum(x["seconds"] for x in done)
+      rows.append(["Baselines (training)", tables.format_seconds(secs),
+                   tables.format_hours(secs), device,
+                   f"{len(done)} baselines, {len(done[0].get('seeds', []))} seeds each"])
     self.table(Table("search_cost", "Table 5 form: search cost (device-hours = seconds / 3600)",
                      ["Stage", "Wall seconds", "Device-hours", "Device", "Notes"], rows),
                "Search runs on precomputed features, so its cost excludes the backbones "
@@ -521,11 +535,12 @@ class _Builder:
                             "Evaluation (searched genotype retrained)", self.label, trained)
     else:
       self.add(_note("No evaluation curves (evaluate/metrics.jsonl is absent)."))
-    if r.late_fusion_records:
-      trained = not (r.late_fusion or {}).get("val_selected", {}).get("val_held_out", True)
-      plots.evaluate_curves(r.late_fusion_records,
-                            self.image("late_fusion_curves.png", "late fusion curves"),
-                            "Late fusion baseline", self.label, trained)
+    for b in r.baselines:
+      if b["records"]:
+        trained = not (b["result"] or {}).get("val_selected", {}).get("val_held_out", True)
+        plots.evaluate_curves(b["records"],
+                              self.image(f"{b['name']}_curves.png", f"{b['label']} curves"),
+                              f"Baseline: {b['label']}", self.label, trained)
 
   def markdown(self) -> str:
     return "\n".join(self.parts)

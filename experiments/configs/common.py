@@ -83,9 +83,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.search.epochs = 30
   c.search.batch_size = 96
   c.search.alternation = "epoch"    # 'epoch' (release) or 'step' (DARTS)
+  c.search.select = "val"           # the epoch a seed's genotype comes from: 'val' (best val
+                                    # metric), 'val_loss', 'last', 'release' (search.py)
   c.search.weight_opt = weight_opt(1e-3, 3e-4)
-  c.search.arch_opt = ml_collections.ConfigDict(dict(lr=3e-4, b1=0.5, b2=0.999,
-                                                     weight_decay=1e-3))
+  c.search.arch_opt = ml_collections.ConfigDict(dict(
+      lr=3e-4, b1=0.5, b2=0.999, weight_decay=1e-3,
+      lr_for_steps=0,               # > 0: lr is meant for this many arch steps an epoch and
+                                    # is scaled to the actual count (beyond the paper)
+      warmup_epochs=0))             # epochs before the arch weights move (beyond the paper)
+  c.search.arch_entropy = 0.0       # > 0: weight of a mean-entropy term in the arch loss
+                                    # (beyond the paper; it pushes each softmax to commit)
   c.search.train_reshape = True     # False: the reshape layers keep their init (NTU release)
 
   c.evaluate = ml_collections.ConfigDict()
@@ -94,7 +101,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.evaluate.dropout = 0.0
   c.evaluate.train_splits = ("train", "val")
   c.evaluate.genotype = ""          # genotype file; default: the search's best_genotype.json
-  c.evaluate.late_fusion = True     # also retrain the late-fusion baseline (results table)
+  c.evaluate.finetune_backbones = False  # True: the used backbones trained jointly with the
+                                    # fixed net from raw inputs (paper 3.4; bmnas_jax.finetune)
+  c.evaluate.backbone_lr_mult = 0.1  # backbones' learning rate / the fusion net's (0: frozen)
+  # baselines retrained like the searched network (bmnas_jax/baselines.py): each modality
+  # alone, all features concatenated into an MLP, the release's late fusion, Table 6's
+  c.evaluate.baselines = ("unimodal", "concat_mlp", "late_fusion_release", "late_fusion")
 
   c.ablate = ml_collections.ConfigDict()
   c.ablate.random_trials = 5        # random feature selections (Table 6)

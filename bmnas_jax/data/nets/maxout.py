@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -11,44 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmnas_jax.data import torch_import
-
-
-class TorchBatchNorm(nn.Module):
-  """BatchNorm1d/2d/3d over the last axis of `[n, ..., C]` with PyTorch's semantics.
-
-  Statistics are taken over every axis but the last (batch and spatial axes, as
-  torch's BatchNorm over NC... inputs). Train mode normalises with the batch mean
-  and biased variance and, unless initialising, updates the running stats with the
-  batch mean and the UNBIASED variance (`m / (m - 1)`, m values per channel), as
-  torch does: `running = momentum * running + (1 - momentum) * batch` (Flax
-  momentum 0.9 is torch's 0.1). Eval mode uses the running stats. Variables:
-  params `scale`, `bias`; batch_stats `mean`, `var` [C].
-  """
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """Args: x: `[n, ..., C]`. Returns: the same shape."""
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      n = math.prod(x.shape[:-1])
-      if n < 2:
-        raise ValueError(f"TorchBatchNorm in train mode needs more than 1 example per "
-                         f"channel, got input shape {x.shape}")
-      mean, var = jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
-      if not self.is_initializing():
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * mean
-        ra_var.value = m * ra_var.value + (1 - m) * var * (n / (n - 1))
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+from bmnas_jax.layers import TorchBatchNorm
 
 
 class Maxout(nn.Module):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmnas_jax.data import torch_import
-from bmnas_jax.data.nets.maxout import TorchBatchNorm
+from bmnas_jax.layers import TorchBatchNorm
 
 EXPANSION = 4          # Bottleneck3D.expansion: a block's output has 4 x its base width
 POOL_WINDOW = 7        # the release's AvgPool3d((8, 7, 7)): 7 x 7 in space, all 8 frames

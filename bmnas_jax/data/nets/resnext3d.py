@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmnas_jax.data import torch_import
-from bmnas_jax.data.nets.maxout import TorchBatchNorm
+from bmnas_jax.layers import TorchBatchNorm
 from bmnas_jax.data.nets.resnet3d import block_rules
 
 EXPANSION = 2          # ResNeXtBottleneck.expansion: a block's output has 2 x its mid width
