@@ -17,6 +17,33 @@ from bmnas_jax.steps import Steps
 from bmnas_jax.summary import count
 
 
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+  """The machine's dense float32 matmul rate in GFLOP/s: the median of `repeats` timed
+  jitted `[n, n] @ [n, n]` products (2 n^3 flops each) on the default device."""
+  x = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def lowered_flops(lowered) -> float | None:
+  """XLA's flop count of a lowered program (None when the backend gives none). A loop's
+  body counts once, so lower a single step, not the loop."""
+  try:
+    cost = lowered.cost_analysis()
+  except Exception:                     # noqa: BLE001 -- not every backend implements it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
 def benchmark(config, seeds: int = 1, steps: int = 20, repeats: int = 5,
               pool_batches: int = 4) -> dict:
   """Times `steps` step pairs per compiled call, `repeats` calls after a warm-up.
@@ -75,11 +102,23 @@ def benchmark(config, seeds: int = 1, steps: int = 20, repeats: int = 5,
       times.append(time.perf_counter() - t0)
   ms = statistics.median(times) / steps * 1e3
   params = count(jax.tree.map(lambda a: a[0], states.params))
+  one_pair = jax.jit(jax.vmap(
+      lambda s, d: step(s, {k: loop.take_batch(d[k], idx[0], mesh) for k in ("train", "val")},
+                        s.key)[0], in_axes=(0, None)))
+  with jax.set_mesh(mesh):
+    flops = lowered_flops(one_pair.lower(states, data))
+    flops = None if flops is None else flops * steps      # per timed call
+  machine = matmul_rate()
+  achieved = None if flops is None else flops / statistics.median(times) / 1e9
   return {"config": config.name, "fidelity": config.fidelity, "batch": batch, "seeds": seeds,
           "devices": int(np.prod(list(mesh.shape.values()))),
           "backend": jax.default_backend(), "params": params,
           "compile_s": round(compile_s, 2), "ms_per_step_pair": round(ms, 3),
           "samples_per_s": round(2 * batch * seeds / (ms / 1e3), 1),
+          "gflop_per_step_pair": None if flops is None else round(flops / steps / 1e9, 4),
+          "achieved_gflops": None if achieved is None else round(achieved, 2),
+          "matmul_gflops": round(machine, 2),
+          "fraction_of_matmul": None if achieved is None else round(achieved / machine, 3),
           "finite": bool(np.all(np.isfinite(np.asarray(loss))))}
 
 

@@ -16,3 +16,7 @@ class ConfigError(InputError, ValueError):
 
 class DataError(InputError, ValueError):
   """A dataset, an example, a file or a checkpoint is missing, malformed or inconsistent."""
+
+
+class WorkdirInUseError(InputError):
+  """Another running process holds the workdir's lock (the message names it)."""

@@ -42,6 +42,36 @@ def maybe_initialize_distributed(config) -> None:
     jax.distributed.initialize()
 
 
+def default_compile_cache() -> str:
+  """`$XDG_CACHE_HOME/bmnas-jax/xla` (`~/.cache/bmnas-jax/xla` when unset)."""
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "bmnas-jax", "xla")
+
+
+def configure_compile_cache(config) -> str:
+  """Turns on JAX's persistent compilation cache at `config.compile_cache` ('' turns it
+  off; 'default' is `default_compile_cache()`), unless `JAX_COMPILATION_CACHE_DIR` in
+  the environment already chose a folder. Programs that took at least a second to
+  compile are kept, so a re-run (or another run with the same shapes) loads them
+  instead of compiling. Returns the folder in use ('' when off)."""
+  env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if env:
+    return env
+  path = config.get("compile_cache", "default")
+  if not path:
+    return ""
+  if path == "default":
+    path = default_compile_cache()
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"config.compile_cache={config.get('compile_cache')!r}: cannot create "
+                      f"{path}: {e.strerror}") from None
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
 def make_mesh(num_devices: int | None = None, seed_shards: int = 1) -> Mesh:
   """A (`seed`, `data`) mesh over the first `num_devices` devices (all by default)."""
   devices = jax.devices()

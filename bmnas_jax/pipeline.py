@@ -14,6 +14,7 @@ from bmnas_jax.errors import ConfigError, DataError
 from bmnas_jax.evaluate import run_evaluate
 from bmnas_jax.report.report import write_report
 from bmnas_jax.search import run_search
+from bmnas_jax.workdir_lock import workdir_lock
 
 STAGES = ("prepare", "search", "evaluate", "ablate", "report")
 
@@ -57,6 +58,11 @@ def run(config, workdir: str) -> dict:
   config = with_fidelity(config)
   stages = parse_stages(config.stages)
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lock(workdir):           # one writer per workdir
+    return _run_stages(config, stages, workdir)
+
+
+def _run_stages(config, stages: tuple[str, ...], workdir: str) -> dict:
   results = {}
   if "prepare" in stages:
     from bmnas_jax.data.prepare import run_prepare    # TFDS, orbax, scikit-learn: on demand

@@ -23,6 +23,7 @@ from bmnas_jax.checkpoint import write_json_atomic, write_text_atomic
 from bmnas_jax.errors import ConfigError
 from bmnas_jax.evaluate import run_evaluate
 from bmnas_jax.search import run_search
+from bmnas_jax.workdir_lock import holds_workdir
 
 STUDY_DIR = "study"
 
@@ -122,6 +123,7 @@ def study_markdown(config, rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+@holds_workdir
 def run_study(config, workdir: str, only: tuple[str, ...] = ()) -> list[dict]:
   """Prepares the features once, then runs every setting (or those named in `only`)."""
   from bmnas_jax.data.prepare import load_features, run_prepare

@@ -22,6 +22,7 @@ def main(argv):
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)     # orbax logs every save at INFO
   loop.maybe_initialize_distributed(config)
+  loop.configure_compile_cache(config)
   try:
     results = pipeline.run(config, _WORKDIR.value)
   except FloatingPointError as e:        # divergence: the message names epoch, step, seed

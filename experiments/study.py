@@ -24,6 +24,7 @@ def main(argv):
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)
   loop.maybe_initialize_distributed(config)
+  loop.configure_compile_cache(config)
   workdir = _WORKDIR.value or os.path.join("runs", f"study_{config.name}")
   rows = run_study(config, workdir, tuple(_SETTINGS.value))
   print(study_markdown(config, rows))

@@ -109,3 +109,24 @@ def test_arch_warmup_holds_the_arch_still():
     upd, state = tx.update(g, state, g)
     moves.append(float(jnp.abs(upd["a"]).max()))
   assert moves[:6] == [0.0] * 6 and moves[6] == pytest.approx(1e-2, rel=1e-4)
+
+
+def test_compile_cache_location(tmp_path, monkeypatch):
+  """config.compile_cache: a folder (made), '' off; the environment's choice wins."""
+  from bmnas_jax import loop
+  old = jax.config.jax_compilation_cache_dir
+  c = mfeat.get_config()
+  assert c.compile_cache == "default"
+  try:
+    assert loop.configure_compile_cache(c) == old            # the tests' own, from the env
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    c.compile_cache = str(tmp_path / "xla")
+    assert loop.configure_compile_cache(c) == str(tmp_path / "xla")
+    assert (tmp_path / "xla").is_dir()
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    c.compile_cache = ""
+    assert loop.configure_compile_cache(c) == ""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    assert loop.default_compile_cache() == str(tmp_path / "home" / "bmnas-jax" / "xla")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old)

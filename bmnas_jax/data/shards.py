@@ -16,6 +16,9 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
+from google.protobuf import json_format
+from tensorflow_datasets.core import read_only_builder
+from tensorflow_datasets.core.proto import dataset_info_pb2, feature_pb2
 
 from bmnas_jax.checkpoint import swap_dir_into_place
 from bmnas_jax.data.feature_set import FeatureSet, NodeSpec, Split, split_order
@@ -35,6 +38,22 @@ _RESERVED_KEYS = (LABEL_KEY, INDEX_KEY)
 _READ_CHUNK_BYTES = 64 << 20
 _METADATA_KEYS = ("format", "format_version", "nodes", "label_kind", "num_classes",
                   "class_names", "label_dtype", "split_sizes", "user_metadata")
+
+
+def _class_name(cls: type) -> str:
+  return f"{cls.__module__}.{cls.__name__}"
+
+
+# TFDS imports the module of any feature class named in a stored spec that it does not
+# know yet, so the stored specs are checked against what the writer stores before TFDS
+# sees them: a FeaturesDict of Tensors, written by this module.
+_FEATURES_DICT_CLASS = _class_name(tfds.features.FeaturesDict)
+_TENSOR_CLASS = _class_name(tfds.features.Tensor)
+ALLOWED_FEATURE_CLASSES = (_FEATURES_DICT_CLASS, _TENSOR_CLASS)
+_CLASS_KEY = "pythonClassName"
+_DOC_KEYS = ("description", "valueRange")    # documentation strings, nothing is imported
+_TENSOR_KEYS = ("shape", "dtype", "encoding", "minimum", "maximum", "optional")
+_INFO_KEYS = ("name", "version", "splits")
 
 
 class ShardError(DataError):
@@ -438,6 +457,107 @@ def _check_features(path: pathlib.Path, info: tfds.core.DatasetInfo,
                        f"{tuple(feature.shape)}, metadata says {np.dtype(dtype)} {shape}")
 
 
+def _read_json(path: pathlib.Path) -> Any:
+  try:
+    text = path.read_text()
+  except OSError as e:
+    raise ShardError(f"dataset file {path} is unreadable: {e}") from e
+  try:
+    return json.loads(text)
+  except (ValueError, RecursionError) as e:
+    raise ShardError(f"dataset file {path} is not valid JSON: {e}") from e
+
+
+def _shown(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _spec_content(node: Any, where: str, want_class: str, content_key: str) -> dict[str, Any]:
+  """Checks one feature of a stored spec: its class is `want_class`, its keys are known.
+
+  Returns:
+    The feature's `content_key` object (`featuresDict` or `tensor`).
+  """
+  if not isinstance(node, dict):
+    raise ShardError(f"{where} is {type(node).__name__}, not a JSON object")
+  if _CLASS_KEY not in node:
+    # TFDS also takes a class from a legacy `type` key or the snake_case field name.
+    named = {k: node[k] for k in ("type", "python_class_name", "proto_cls") if k in node}
+    raise ShardError(f"{where} lacks key {_CLASS_KEY!r}"
+                     + (f" (names {_shown(named)} instead)" if named else ""))
+  name = node[_CLASS_KEY]
+  if name != want_class:
+    raise ShardError(f"{where} names feature class {_shown(name)}, expected {want_class} "
+                     f"(a feature set holds a FeaturesDict of Tensors; no other class "
+                     f"is imported)")
+  extra = {k: v for k, v in node.items() if k not in (_CLASS_KEY, content_key, *_DOC_KEYS)}
+  if extra:
+    raise ShardError(f"{where} has unexpected keys {_shown(extra)}")
+  if not isinstance(node.get(content_key), dict):
+    raise ShardError(f"{where} lacks the JSON object {content_key!r}")
+  return node[content_key]
+
+
+def _check_feature_spec(spec: Any, where: str) -> None:
+  """Checks a stored feature spec (`features.json`) is a FeaturesDict of Tensors.
+
+  Nothing else passes: TFDS would import the module of another class name.
+
+  Raises:
+    ShardError: naming `where` and the offending class or key.
+  """
+  content = _spec_content(spec, where, _FEATURES_DICT_CLASS, "featuresDict")
+  if set(content) != {"features"} or not isinstance(content["features"], dict):
+    raise ShardError(f"{where}: 'featuresDict' must hold exactly the JSON object "
+                     f"'features', has keys {sorted(content)}")
+  if not content["features"]:
+    raise ShardError(f"{where}: 'featuresDict' lists no features")
+  for key, feature in content["features"].items():
+    tensor = _spec_content(feature, f"{where}: feature {key!r}", _TENSOR_CLASS, "tensor")
+    extra = sorted(set(tensor) - set(_TENSOR_KEYS))
+    if extra:
+      raise ShardError(f"{where}: feature {key!r} has unexpected 'tensor' keys {extra}")
+
+
+def _checked_info_proto(path: pathlib.Path) -> dataset_info_pb2.DatasetInfo:
+  """Reads `dataset_info.json` and `features.json` of the dataset at `path` and checks
+  that they name only the classes and module the writer stores.
+
+  Returns:
+    The DatasetInfo proto with the checked features in it, so that TFDS builds the
+    features from these checked contents and never parses a stored spec itself.
+
+  Raises:
+    ShardError: a file is not valid JSON, lacks keys, or names another class or module.
+  """
+  info_path = path / DATASET_INFO_FILENAME
+  info = _read_json(info_path)
+  if not isinstance(info, dict):
+    raise ShardError(f"{info_path} does not hold a JSON object")
+  missing = [k for k in _INFO_KEYS if k not in info]
+  if missing:
+    raise ShardError(f"{info_path} lacks keys {missing}")
+  for key in ("moduleName", "module_name"):
+    if key in info and info[key] != __name__:
+      raise ShardError(f"{info_path}: key {key!r} names module {_shown(info[key])}; "
+                       f"feature sets are written by {__name__}")
+  if "features" in info:
+    _check_feature_spec(info["features"], f"{info_path} key 'features'")
+  feats_path = path / FEATURES_FILENAME
+  features = _read_json(feats_path)
+  _check_feature_spec(features, os.fspath(feats_path))
+  try:
+    proto = json_format.ParseDict(info, dataset_info_pb2.DatasetInfo())
+  except (json_format.ParseError, TypeError, ValueError) as e:
+    raise ShardError(f"{info_path} is not a TFDS dataset info: {e}") from e
+  try:
+    proto.features.CopyFrom(json_format.ParseDict(features, feature_pb2.Feature()))
+  except (json_format.ParseError, TypeError, ValueError) as e:
+    raise ShardError(f"{feats_path} is not a TFDS feature spec: {e}") from e
+  return proto
+
+
 class ShardSource:
   """An opened dataset: directory, metadata, nodes and one TFDS data source per split.
 
@@ -453,13 +573,14 @@ class ShardSource:
     self.nodes = _nodes_from_metadata(self.meta)
     if expect_nodes is not None:
       _check_expected_nodes(self.nodes, expect_nodes, self.path)
+    info_proto = _checked_info_proto(self.path)
     try:
-      # The builder classes are never registered, so TFDS builds a read-only
-      # builder from the files; the explicit version makes it use the files even
-      # if a registered dataset of the same name exists.
-      sources = tfds.data_source(f"{name}:{self.version}",
-                                 data_dir=os.fspath(self.path.parent.parent),
-                                 download=False)
+      # The read-only builder `tfds.data_source` makes for an unregistered name, given
+      # the checked spec: TFDS then parses no stored feature spec (and imports nothing
+      # a stored file names). Only reads, nothing is downloaded.
+      builder = read_only_builder.ReadOnlyBuilder(builder_dir=os.fspath(self.path),
+                                                  info_proto=info_proto)
+      sources = builder.as_data_source()
     except Exception as e:  # TFDS raises many types for a bad dataset_info.json.
       raise ShardError(f"dataset {self.path}: TFDS cannot open it "
                        f"({DATASET_INFO_FILENAME}/{FEATURES_FILENAME}): {e}") from e
@@ -562,8 +683,14 @@ def open_shards(data_dir: str | os.PathLike, name: str, version: str | None = No
                 expect_nodes: Sequence[NodeSpec] | None = None) -> ShardSource:
   """Opens a dataset written by `write_shards` for random access (nothing is loaded).
 
+  Opening imports and runs nothing a dataset directory names: `features.json` (and
+  `dataset_info.json`'s `features`, if any) must be a `FeaturesDict` of `Tensor`s
+  (`ALLOWED_FEATURE_CLASSES`) and `moduleName` this module, checked before TFDS reads
+  them; TFDS then builds the features from the checked contents.
+
   Raises:
-    ShardError: missing/corrupt files, inconsistent metadata, unexpected nodes.
+    ShardError: missing/corrupt files, a spec naming another class or module,
+      inconsistent metadata, unexpected nodes.
   """
   return ShardSource(data_dir, name, version, expect_nodes)
 
@@ -572,8 +699,9 @@ def read_feature_set(data_dir: str | os.PathLike, name: str, version: str | None
                      *, expect_nodes: Sequence[NodeSpec] | None = None) -> FeatureSet:
   """Reads a whole dataset written by `write_shards` into numpy arrays.
 
-  Reads through `tfds.data_source(name, data_dir=..., download=False)` (no
-  TensorFlow), in batches, and puts every example back at its `index`.
+  Reads through TFDS's read-only builder (what `tfds.data_source(name, data_dir=...,
+  download=False)` opens; no TensorFlow), in batches, and puts every example back at
+  its `index`. The stored feature spec is checked first (see `open_shards`).
 
   Args:
     data_dir: TFDS data directory.

@@ -42,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.devices = 0                     # devices in the mesh (0: all visible)
   c.seed_shards = 1                 # mesh axis for seeds (must divide the devices)
   c.distributed = False             # jax.distributed.initialize() (multi-host)
+  c.compile_cache = "default"       # persistent XLA cache folder ('default':
+                                    # ~/.cache/bmnas-jax/xla; '': off)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = ""                # a name in bmnas_jax.data.datasets.DATASETS or
