@@ -122,6 +122,41 @@ def benchmark(config, seeds: int = 1, steps: int = 20, repeats: int = 5,
           "finite": bool(np.all(np.isfinite(np.asarray(loss))))}
 
 
+def random_feature_set(config, sizes: tuple[int, int, int], seed: int = 0):
+  """A FeatureSet of standard-normal features at `config.data`'s node shapes, with
+  random labels of `config.data.label_kind`, `sizes` = (train, val, test) examples."""
+  from bmnas_jax.data.feature_set import FeatureSet, Split
+  nodes = tuple(nodes_from_config(config.data))
+  rng = np.random.default_rng(seed)
+  k, kind = config.model.num_classes, config.data.label_kind
+  splits = {}
+  for name, n in zip(("train", "val", "test"), sizes):
+    feats = {nd.name: rng.standard_normal((n, nd.channels, nd.length), np.float32)
+             for nd in nodes}
+    y = (rng.integers(0, 2, (n, k)).astype(np.float32) if kind == "multi"
+         else rng.integers(0, k, n).astype(np.int32))
+    splits[name] = Split(feats, y)
+  return FeatureSet(nodes, splits, kind, k)
+
+
+def search_benchmark(config, workdir: str, seeds: int, epochs: int,
+                     sizes: tuple[int, int, int]) -> dict:
+  """Wall seconds of a whole search (compile included) of `epochs` epochs and `seeds`
+  seeds under vmap on random features at the config's shapes (`random_feature_set`),
+  in `workdir/search_<seeds>`; returns a JSON-able record."""
+  import os
+  from bmnas_jax.search import run_search
+  c = config.copy_and_resolve_references()
+  c.seeds, c.search.epochs = seeds, epochs
+  fs = random_feature_set(c, sizes)
+  t0 = time.perf_counter()
+  res = run_search(c, fs, os.path.join(workdir, f"search_{seeds}"))
+  wall = time.perf_counter() - t0
+  return {"seeds": seeds, "epochs": epochs, "examples": list(sizes),
+          "wall_s": round(wall, 2), "epoch_s": round(res.seconds / epochs, 3),
+          "epoch_traces": res.epoch_traces}
+
+
 def backbone_benchmark(config, modality: str, input_shape: tuple[int, ...], dtype: str,
                        batch: int, repeats: int = 5) -> dict:
   """Extraction throughput of `config.backbones.<modality>` on random inputs.

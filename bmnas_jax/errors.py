@@ -5,6 +5,12 @@ message names the config key, file, field, modality or tap at fault. Anything
 else that goes wrong is a bug and keeps its traceback.
 """
 
+import errno
+
+# An OSError with one of these while writing is the user's to fix (disk full, quota,
+# read-only file system, no permission), not a bug.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
 
 class InputError(Exception):
   """Bad input: a config key, a file, a dataset's examples (the message names it)."""

@@ -109,7 +109,7 @@ def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Ge
           "model": json.loads(config.model.to_json()), "fidelity": config.fidelity,
           "seed": config.seed, "seeds": config.seeds, "metric": json.loads(config.metric.to_json())}
     _, history, _ = loop.run_epochs(stage_dir, fp, states, epochs, ec.epochs, on_epoch,
-                                    write_outputs, stage, {})
+                                    write_outputs, stage, {}, epochs_key="config.evaluate.epochs")
   return {**summarize(history, seeds, config, genotype, val_held_out, stage),
           "epoch_traces": epochs.traces}
 

@@ -350,5 +350,5 @@ def run_finetune(config, workdir: str, genotype: genotype_lib.Genotype,
           "backbones": dict(ft.content_ids), "data": ft.data_fingerprint,
           "net": hashlib.sha256(repr(ft.model).encode()).hexdigest()[:16]}
     _, history, _ = loop.run_epochs(stage_dir, fp, states, epochs, ec.epochs, on_epoch,
-                                    write_outputs, stage, {})
+                                    write_outputs, stage, {}, epochs_key="config.evaluate.epochs")
   return {**result(history), "epoch_traces": epochs.traces}

@@ -188,6 +188,10 @@ def load(path: str | os.PathLike) -> Genotype:
       return from_json(f.read())
   except GenotypeError as e:
     raise GenotypeError(f"{os.fspath(path)}: {e}") from e
+  except IsADirectoryError as e:
+    raise GenotypeError(f"{os.fspath(path)}: is a folder, not a genotype file") from e
+  except (OSError, UnicodeDecodeError) as e:
+    raise GenotypeError(f"{os.fspath(path)}: cannot read: {e}") from e
 
 
 def save(g: Genotype, path: str | os.PathLike) -> None:
@@ -199,6 +203,9 @@ def save(g: Genotype, path: str | os.PathLike) -> None:
   fd, tmp = tempfile.mkstemp(dir=d, prefix=".genotype-", suffix=".tmp")
   with os.fdopen(fd, "w") as f:
     f.write(g.to_json() + "\n")
+  mask = os.umask(0)
+  os.umask(mask)
+  os.chmod(tmp, 0o666 & ~mask)          # mkstemp makes it private; honour the umask
   os.replace(tmp, path)
 
 

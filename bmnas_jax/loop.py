@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from absl import logging
 from tqdm import tqdm
 
 from bmnas_jax.checkpoint import Checkpointer
@@ -628,7 +629,8 @@ def describe_bad(phase: str, epoch: int, seeds: list[int], bad_step: np.ndarray,
 
 def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: Callable,
                num_epochs: int, on_epoch: Callable, write_outputs: Callable,
-               desc: str, extra0: dict) -> tuple[TrainState, list[dict], dict]:
+               desc: str, extra0: dict, epochs_key: str = "the epoch count"
+               ) -> tuple[TrainState, list[dict], dict]:
   """The host loop over epochs, with an orbax checkpoint after each.
 
   Args:
@@ -640,15 +642,27 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
       compiled call in memory, a compiled call per block when streamed.
     on_epoch: `(epoch, states, host metrics, seconds, extra) -> record` (may update extra).
     write_outputs: `(history, extra) -> None`, writes the stage's files (atomically);
-      also called after a resume, so the files always match the checkpoint.
+      called only once the checkpoint of the same epochs is finalized, and after a
+      resume, so the files never run ahead of the newest complete checkpoint.
+    epochs_key: the config key of `num_epochs`, for errors.
   Returns:
     (states, history of records, extra).
+  Raises:
+    ConfigError: the checkpoint is of a different config, or holds more finished
+      epochs than `num_epochs` (fewer are resumed: the run is extended).
+    DataError: the newest finalized checkpoint is damaged (the message names its folder;
+      an unfinished newer folder is removed with a warning instead, see `Checkpointer`).
   """
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"))
   history, extra, start = [], dict(extra0), 0
+  where = f"{os.path.basename(os.path.normpath(stage_dir))}/"
   try:
     latest = ckpt.latest()
     if latest is not None:
+      if latest + 1 > num_epochs:
+        raise ConfigError(f"{where} holds {latest + 1} finished epochs, {epochs_key}="
+                          f"{num_epochs} asks for fewer; use a new --workdir or the same "
+                          f"epochs")
       meta = ckpt.restore_meta(latest)
       if meta["fingerprint"] != fingerprint:
         changed = sorted(k for k in set(fingerprint) | set(meta["fingerprint"])
@@ -658,15 +672,29 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
       states = ckpt.restore_state(latest, states)
       history, extra, start = meta["history"], meta["extra"], latest + 1
       write_outputs(history, extra)
+      if start < num_epochs:
+        logging.warning("%s resuming at epoch %d of %d: the checkpoint holds %d finished "
+                        "epochs of the same config (%s is not part of the config check, "
+                        "so a run can be extended)", where, start, num_epochs, start,
+                        epochs_key)
+      else:
+        logging.info("%s all %d epochs are in the checkpoint; reusing them", where, start)
     bar = tqdm(range(start, num_epochs), desc=desc, initial=start, total=num_epochs,
                leave=False, disable=None)
+    saved = False
     for epoch in bar:
       t0 = time.perf_counter()
       states, dev_metrics = epoch_fn(states, jnp.int32(epoch))
-      host = jax.device_get(dev_metrics)
+      host = jax.device_get(dev_metrics)   # the previous save overlapped with this epoch
+      if saved:                            # its files, once its checkpoint is complete
+        ckpt.wait()
+        write_outputs(history, extra)
       record = on_epoch(epoch, states, host, time.perf_counter() - t0, extra)
       history.append(record)
       ckpt.save(epoch, states, {"fingerprint": fingerprint, "history": history, "extra": extra})
+      saved = True
+    if saved:
+      ckpt.wait()
       write_outputs(history, extra)
   finally:
     ckpt.close()

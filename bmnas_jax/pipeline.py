@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import logging
@@ -10,9 +9,10 @@ from absl import logging
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax.ablate import run_ablations
 from bmnas_jax.baselines import run_baselines
+from bmnas_jax.checkpoint import clean_stale_temps, read_json
 from bmnas_jax.errors import ConfigError, DataError
 from bmnas_jax.evaluate import run_evaluate
-from bmnas_jax.report.report import write_report
+from bmnas_jax.fixed_net import check_genotype_nodes
 from bmnas_jax.search import run_search
 from bmnas_jax.workdir_lock import workdir_lock
 
@@ -57,9 +57,23 @@ def run(config, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   config = with_fidelity(config)
   stages = parse_stages(config.stages)
-  os.makedirs(workdir, exist_ok=True)
+  _make_workdir(workdir)
   with workdir_lock(workdir):           # one writer per workdir
+    for path in clean_stale_temps(workdir):  # left by killed runs; the lock makes it safe
+      logging.info("removed %s (left by an earlier run)", path)
     return _run_stages(config, stages, workdir)
+
+
+def _make_workdir(workdir: str) -> None:
+  """The workdir as a folder: one that is a file, or cannot be made, is bad input."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise DataError(f"--workdir={workdir} is a file, not a folder")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise DataError(f"--workdir={workdir} cannot be created: {e.strerror or e}") from e
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise DataError(f"--workdir={workdir} is not writable")
 
 
 def _run_stages(config, stages: tuple[str, ...], workdir: str) -> dict:
@@ -81,6 +95,10 @@ def _run_stages(config, stages: tuple[str, ...], workdir: str) -> dict:
       raise DataError(f"{searched_path}: no genotype to evaluate (run the search "
                       f"stage or set config.evaluate.genotype)")
     searched = genotype_lib.load(searched_path)
+    try:
+      check_genotype_nodes(searched, fs.nodes)
+    except genotype_lib.GenotypeError as e:
+      raise genotype_lib.GenotypeError(f"{searched_path}: {e}") from e
   if "evaluate" in stages:
     results["evaluate"] = run_evaluate(config, fs, searched, workdir)
     if config.evaluate.get("finetune_backbones", False):
@@ -91,6 +109,7 @@ def _run_stages(config, stages: tuple[str, ...], workdir: str) -> dict:
     ev = results.get("evaluate") or _read_json(os.path.join(workdir, "evaluate", "metrics.json"))
     results["ablate"] = run_ablations(config, fs, searched, workdir, ev)
   if "report" in stages:
+    from bmnas_jax.report.report import write_report   # matplotlib: on demand
     results["report"] = write_report(config, workdir)
   return results
 
@@ -98,5 +117,4 @@ def _run_stages(config, stages: tuple[str, ...], workdir: str) -> dict:
 def _read_json(path: str) -> dict:
   if not os.path.exists(path):
     raise DataError(f"{path}: missing (run the evaluate stage first)")
-  with open(path) as f:
-    return json.load(f)
+  return read_json(path)

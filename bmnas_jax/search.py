@@ -262,7 +262,7 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str,
               "best_genotype": [None] * len(seeds)}
     states, history, extra = loop.run_epochs(
         stage_dir, fingerprint(config), states, epochs, sc.epochs, on_epoch, write_outputs,
-        "search", extra0)
+        "search", extra0, epochs_key="config.search.epochs")
   best = [genotype_lib.from_json_dict(g) for g in extra["best_genotype"]]
   chosen = chosen_seed_index(select, extra)
   return SearchResult(seeds, best, list(extra["best_val_metric"]), list(extra["best_epoch"]),

@@ -33,7 +33,7 @@ def settings(config) -> dict[str, dict[str, Any]]:
 
   The release's arch optimizer makes one step per validation batch; `lr_for_steps`
   scales its rate to the release's MM-IMDB count (2608 / 8 = 326 arch steps an epoch).
-  Entropy and `select='last'` are beyond the paper.
+  Entropy, warm-up and `select='last'` are beyond the paper.
   """
   s = config.search
   lr = float(s.arch_opt.lr)
@@ -51,9 +51,13 @@ def settings(config) -> dict[str, dict[str, Any]]:
       "step, arch lr x10, epochs x3, select=last": {
           "search.alternation": "step", "search.arch_opt.lr": 10 * lr,
           "search.epochs": longer, "search.select": "last"},
-      "step, arch lr x10, entropy 0.1": {"search.alternation": "step",
-                                         "search.arch_opt.lr": 10 * lr,
-                                         "search.arch_entropy": 0.1},
+      "step, arch lr x10, entropy 1": {"search.alternation": "step",
+                                       "search.arch_opt.lr": 10 * lr,
+                                       "search.arch_entropy": 1.0},
+      "step, arch lr x10, epochs x3, warm-up 1/3, select=last": {
+          "search.alternation": "step", "search.arch_opt.lr": 10 * lr,
+          "search.epochs": longer, "search.arch_opt.warmup_epochs": longer // 3,
+          "search.select": "last"},
   }
 
 
@@ -123,9 +127,51 @@ def study_markdown(config, rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def pair_genotype(node_names, pair: tuple[int, int]):
+  """One Cell fusing `pair` (ConcatFC of the two, then Sum with x; both steps feed the
+  tail), read by the head: how good a pair is when nothing else is fused."""
+  from bmnas_jax import genotype as genotype_lib
+  cell = genotype_lib.CellGene(tuple(pair), (genotype_lib.StepGene("ConcatFC", (0, 1)),
+                                             genotype_lib.StepGene("Sum", (2, 0))), (2, 3))
+  return genotype_lib.validate(genotype_lib.Genotype(tuple(node_names), (cell,),
+                                                     (len(node_names),)))
+
+
+def run_pairs(config, fs, workdir: str) -> list[dict]:
+  """Every pair of features as a one-Cell network (`pair_genotype`), trained on the train
+  split only (val held out) as the evaluate stage trains, `config.seeds` seeds: the val
+  metric per pair, mean ± std. Pairs whose val metrics are within a seed std of each
+  other cannot be told apart by a search that selects on val. Writes
+  `study/pairs/<A>+<B>/` and `study/pairs.json`."""
+  import itertools
+  c = apply_overrides(config, {"evaluate.train_splits": ("train",), "model.num_cells": 1,
+                               "model.multiplier": 1})
+  names = fs.node_names
+  rows = []
+  for i, j in itertools.combinations(range(len(names)), 2):
+    stage = os.path.join(STUDY_DIR, "pairs", f"{names[i]}+{names[j]}")
+    res = run_evaluate(c, fs, pair_genotype(names, (i, j)), workdir, stage=stage)
+    rows.append({"pair": [names[i], names[j]], "val": res["final_val"],
+                 "test": res["final_test"]})
+  write_json_atomic(os.path.join(workdir, STUDY_DIR, "pairs.json"), {"rows": rows})
+  return rows
+
+
+def pairs_markdown(config, rows: list[dict]) -> str:
+  lines = [f"## Single-Cell pairs: {config.name}", "",
+           f"| Pair | Val {config.metric.name} (%) | Test (%) |", "|---|---|---|"]
+  for r in sorted(rows, key=lambda r: -r["val"]["mean"]):
+    v, t = r["val"], r["test"]
+    lines.append(f"| ({', '.join(r['pair'])}) | {100 * v['mean']:.2f} ± {100 * v['std']:.2f} | "
+                 f"{100 * t['mean']:.2f} ± {100 * t['std']:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
 @holds_workdir
-def run_study(config, workdir: str, only: tuple[str, ...] = ()) -> list[dict]:
-  """Prepares the features once, then runs every setting (or those named in `only`)."""
+def run_study(config, workdir: str, only: tuple[str, ...] = (), pairs: bool = False
+              ) -> list[dict]:
+  """Prepares the features once, then runs every setting (or those named in `only`);
+  with `pairs`, also `run_pairs` (its table is appended to `study/study.md`)."""
   from bmnas_jax.data.prepare import load_features, run_prepare
   table = settings(config)
   unknown = [n for n in only if n not in table]
@@ -138,5 +184,8 @@ def run_study(config, workdir: str, only: tuple[str, ...] = ()) -> list[dict]:
   rows = [run_setting(c, fs, workdir, n) for n, c in configs.items()]
   write_json_atomic(os.path.join(workdir, STUDY_DIR, "results.json"),
                     {"config": config.name, "rows": rows})
-  write_text_atomic(os.path.join(workdir, STUDY_DIR, "study.md"), study_markdown(config, rows))
+  text = study_markdown(config, rows)
+  if pairs:
+    text += "\n" + pairs_markdown(config, run_pairs(config, fs, workdir))
+  write_text_atomic(os.path.join(workdir, STUDY_DIR, "study.md"), text)
   return rows

@@ -6,7 +6,7 @@ from typing import Callable
 from absl import app, flags
 from ml_collections import config_flags
 
-from bmnas_jax.errors import InputError
+from bmnas_jax.errors import DISK_ERRNOS, InputError
 
 # ml_collections: `--config.a.b=v` for a key the config lacks, or a value of the wrong type.
 _OVERRIDE_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
@@ -17,13 +17,22 @@ def usage_error(message: str) -> InputError:
   return InputError(message)
 
 
+# The one line's length at most: a library's error (orbax, tensorstore) can run to
+# pages; the message's head names the file or key at fault.
+MAX_LINE = 300
+
+
 def fail(message: str) -> None:
-  """`error: <message>` on one line (a multi-line message's lines joined), exit status 1."""
+  """`error: <message>` on one line (a multi-line message's lines joined, cut to
+  `MAX_LINE` characters with an ellipsis), exit status 1."""
   text = ""
   for line in (line.strip() for line in str(message).splitlines()):
     if line:
       text += (" " if not text or text.endswith(":") else "; ") + line
-  print(f"error:{text}", file=sys.stderr)
+  text = f"error:{text}"
+  if len(text) > MAX_LINE:
+    text = text[:MAX_LINE - 3].rstrip() + "..."
+  print(text, file=sys.stderr)
   sys.exit(1)
 
 
@@ -69,8 +78,9 @@ def _config_loaded() -> None:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """`app.run(main)`; an `InputError` (bad config key, file, data) becomes one line on
-  stderr and exit status 1. Other exceptions are bugs and keep their traceback."""
+  """`app.run(main)`; an `InputError` (bad config key, file, data), or an OSError of a
+  full disk or a missing permission that names its file, becomes one line on stderr and
+  exit status 1. Other exceptions are bugs and keep their traceback."""
 
   def guarded(argv):
     _config_loaded()
@@ -78,5 +88,9 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except InputError as e:
       fail(f"{type(e).__name__}: {e}")
+    except OSError as e:             # disk full, read-only, no permission: not a bug
+      if e.errno not in DISK_ERRNOS or not e.filename:
+        raise
+      fail(f"DataError: {e.filename}: cannot write: {e.strerror or e}")
 
   app.run(guarded, flags_parser=_parse_flags)

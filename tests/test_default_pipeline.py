@@ -18,6 +18,8 @@ def tiny_run(tmp_path_factory):
   for b in (c.backbones.Image, c.backbones.Shape):
     b.epochs = 1
   c.search.epochs, c.evaluate.epochs, c.ablate.random_trials = 1, 1, 1
+  # Table 6's late fusion (the ablation reuses it); the planted test trains the MLP kinds.
+  c.evaluate.baselines = ("late_fusion",)
   # One Cell of one step: every stage and table, at a fraction of the compile time.
   c.model.num_cells, c.model.multiplier, c.model.steps, c.model.node_multiplier = 1, 1, 1, 1
   tmp_path = tmp_path_factory.mktemp("mfeat")
@@ -47,16 +49,13 @@ def test_late_fusion_and_ablation_rows(tiny_run):
   # Every baseline trained like the searched network (same seeds, epochs); Table 6's late
   # fusion takes the last feature of each modality, Image_2 and Shape_2.
   base = out["baselines"]
-  assert list(base) == ["unimodal_Image", "unimodal_Shape", "concat_mlp", "late_fusion_release",
-                        "late_fusion"]
+  assert list(base) == ["late_fusion"]
   for name, res in base.items():
     assert res["seeds"] == out["evaluate"]["seeds"] and res["epochs"] == 1, name
     assert (tmp_path / "baselines" / name / "metrics.json").exists()
   assert base["late_fusion"]["genotype"]["cells"][0]["inputs"] == [1, 3]
   report = open(out["report"]).read()
-  for label in ("| Image alone (last feature, MLP) | Image |", "| All features concatenated, MLP |",
-                "| Late fusion (release: concat + MLP) |", "| Late fusion (Table 6: ConcatFC Cell) |"):
-    assert label in report, label
+  assert "| Late fusion (Table 6: ConcatFC Cell) | Image + Shape |" in report
   abl = json.loads((tmp_path / "ablate" / "results.json").read_text())
   names = [(r["table"], r["name"]) for r in abl["rows"]]
   assert names[:3] == [("feature_selection", "random"), ("feature_selection", "late_fusion"),

@@ -130,3 +130,16 @@ def test_compile_cache_location(tmp_path, monkeypatch):
     assert loop.default_compile_cache() == str(tmp_path / "home" / "bmnas-jax" / "xla")
   finally:
     jax.config.update("jax_compilation_cache_dir", old)
+
+
+def test_bench_flop_count_and_random_features():
+  """The benchmark's flop count is XLA's (2 n^3 for an n x n matmul); random features
+  have the config's node shapes."""
+  from bmnas_jax import bench
+  x = jnp.ones((64, 64), jnp.float32)
+  assert bench.lowered_flops(jax.jit(lambda a: a @ a).lower(x)) == 2 * 64 ** 3
+  assert bench.matmul_rate(n=64, repeats=1) > 0
+  fs = bench.random_feature_set(mfeat.get_config(), (6, 4, 2))
+  assert fs.node_names == ("Image_1", "Image_2", "Shape_1", "Shape_2")
+  assert fs.splits["train"].features["Image_2"].shape == (6, 32, 4)
+  assert fs.splits["test"].labels.shape == (2,)

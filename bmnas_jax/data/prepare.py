@@ -37,7 +37,7 @@ import tqdm
 from absl import logging
 
 from bmnas_jax import metrics
-from bmnas_jax.checkpoint import write_json_atomic
+from bmnas_jax.checkpoint import read_json, write_json_atomic
 from bmnas_jax.data import backbones as bb
 from bmnas_jax.data import datasets, extract, probe, shards
 from bmnas_jax.data.feature_set import (HELD_OUT, FeatureSet, NodeSpec, nodes_from_config,
@@ -488,6 +488,32 @@ def _stored_fingerprint(data_dir: pathlib.Path, name: str) -> dict | None:
     return None
 
 
+def check_workdir_owner(config, workdir: pathlib.Path, name: str,
+                        mods: Sequence[Modality]) -> None:
+  """Refuses a workdir that another experiment prepared (its `features/prepare.json`
+  names another dataset, source or set of modalities), so that nothing is written
+  next to or over that experiment's backbones and features.
+
+  Raises:
+    ConfigError: naming the config key that differs.
+  """
+  path = features_dir(workdir) / PREPARE_FILENAME
+  if not path.is_file():
+    return
+  old = read_json(path)
+  if not isinstance(old, dict):
+    return
+  new = {"config.name": (old.get("dataset"), name),
+         "config.data.source": (old.get("source"), str(config.data.source)),
+         "config.data.modalities": (sorted(old.get("backbones") or {}),
+                                    sorted(m.name for m in mods))}
+  for key, (was, now) in new.items():
+    if was is not None and was != now:
+      raise ConfigError(f"{workdir} holds the run of another experiment: its {key} gives "
+                        f"{was!r} ({FEATURES_DIRNAME}/{PREPARE_FILENAME}), this config "
+                        f"gives {now!r}; use a new --workdir or that experiment's config")
+
+
 def run_prepare(config, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs the prepare stage (see the module docstring); returns `prepare.json`'s content
   (or, when everything was current, `{'reused': True, ...}`)."""
@@ -499,6 +525,7 @@ def run_prepare(config, workdir: str | os.PathLike) -> dict[str, Any]:
   data_fp = ds.data_fingerprint()
   name = dataset_name(config)
   data_dir = features_dir(workdir)
+  check_workdir_owner(config, workdir, name, mods)   # before anything is written
 
   loaded = ensure_backbones(mods, config, ds, workdir, data_fp, settings)
   variables = {m: v for m, (v, _) in loaded.items()}

@@ -14,7 +14,7 @@ import jax
 from bmnas_jax import diagnostics, ops
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax.baselines import baseline_specs, stage_of
-from bmnas_jax.checkpoint import write_text_atomic
+from bmnas_jax.checkpoint import disk_errors, read_json, read_jsonl, write_text_atomic
 from bmnas_jax.report import genotype_plot, plots, tables
 from bmnas_jax.report.tables import Stat, Table
 from bmnas_jax.summary import describe
@@ -34,13 +34,11 @@ FUSION_FRAMEWORKS = {"Sum": "DARTS (ICLR19)", "ConcatFC": "MFAS (CVPR19)",
 # ------------------------------------------------------------------ inputs
 
 def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  return read_json(path)
 
 
 def _read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return read_jsonl(path)
 
 
 @dataclasses.dataclass
@@ -600,16 +598,20 @@ def write_report(config, workdir: str | os.PathLike) -> str:
     The path of report.md.
 
   Raises:
-    DataError: the search or evaluate stage's files are missing.
+    DataError: the search or evaluate stage's files are missing or damaged, or the
+      report cannot be written (disk full, read-only, no permission).
   """
   workdir = os.path.abspath(os.fspath(workdir))
   run = read_run(config, workdir)
-  stage_dir = tempfile.mkdtemp(dir=workdir, prefix=".report-new-")
+  with disk_errors(os.path.join(workdir, REPORT_DIR)):
+    stage_dir = tempfile.mkdtemp(dir=workdir, prefix=".report-new-")
   os.chmod(stage_dir, 0o755)           # mkdtemp makes it private; it becomes report/
   try:
-    text = build_report(config, run, stage_dir)
-    _swap_in(stage_dir, os.path.join(workdir, REPORT_DIR), os.path.join(workdir, REPORT_MD),
-             text)
+    with disk_errors(os.path.join(workdir, REPORT_DIR)):
+      text = build_report(config, run, stage_dir)
+    with disk_errors(os.path.join(workdir, REPORT_MD)):
+      _swap_in(stage_dir, os.path.join(workdir, REPORT_DIR), os.path.join(workdir, REPORT_MD),
+               text)
   finally:
     shutil.rmtree(stage_dir, ignore_errors=True)
   return os.path.join(workdir, REPORT_MD)
