@@ -33,9 +33,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  with disk_errors(path):
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w") as f:
+    with disk_errors(path), os.fdopen(fd, "w") as f:
       f.write(text)
     os.chmod(tmp, file_mode())
     os.replace(tmp, path)
@@ -112,14 +113,23 @@ def write_jsonl_atomic(path, records) -> None:
 @contextlib.contextmanager
 def disk_errors(path: str | os.PathLike):
   """Inside: an OSError of a full disk, a read-only file system or a missing permission
-  becomes a DataError naming the file being written (`path` when the error names none)."""
+  becomes a DataError naming the file being written (`path` when the error names none);
+  so does any other error whose message is one of those (orbax and tensorstore wrap them)."""
   try:
     yield
+  except DataError:
+    raise
   except OSError as e:
     if e.errno not in DISK_ERRNOS:
       raise
     raise DataError(f"{e.filename or os.fspath(path)}: cannot write: "
                     f"{e.strerror or os.strerror(e.errno)}") from e
+  except Exception as e:                # noqa: BLE001 -- re-raised unless a disk error
+    reason = next((os.strerror(n) for n in sorted(DISK_ERRNOS) if os.strerror(n) in str(e)),
+                  None)
+    if reason is None:
+      raise
+    raise DataError(f"{os.fspath(path)}: cannot write: {reason}") from e
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -205,12 +215,16 @@ class Checkpointer:
     on while the files are written; a run killed mid-write resumes from the
     previous finalized checkpoint, and replays the same epoch.
     """
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)))
+    self._pending = self.step_dir(step)
+    with disk_errors(self._pending):
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)))
 
   def wait(self) -> None:
-    """Blocks until the pending save is finalized (raises if it failed)."""
-    self.manager.wait_until_finished()
+    """Blocks until the pending save is finalized (raises if it failed; a full or
+    read-only disk as a DataError naming the checkpoint folder)."""
+    with disk_errors(getattr(self, "_pending", self.directory)):
+      self.manager.wait_until_finished()
 
   def restore_meta(self, step: int) -> dict:
     """The JSON meta of checkpoint `step` (DataError naming the folder if damaged)."""
@@ -237,5 +251,5 @@ class Checkpointer:
     return self._restore(step, "state", ocp.args.StandardRestore(abstract))
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()

@@ -72,8 +72,8 @@ def _fresh_trace_counter():
 
 def tiny_run(c, batch_size: int | None = None, cells: int = 1, steps: int = 1):
   """A paper config shrunk for an end-to-end test: C=8, one device and seed, `cells`
-  Cells of `steps` steps, one epoch of search and evaluation, no late-fusion baseline,
-  prepare -> search -> evaluate -> report."""
+  Cells of `steps` steps, one epoch of search and evaluation, no baselines,
+  prepare -> search -> evaluate (add `,report` to `c.stages` for the report)."""
   c.model.C, c.devices, c.seeds = 8, 1, 1
   c.model.num_cells = c.model.multiplier = cells
   c.model.steps = c.model.node_multiplier = steps
@@ -81,7 +81,7 @@ def tiny_run(c, batch_size: int | None = None, cells: int = 1, steps: int = 1):
   if batch_size is not None:
     c.search.batch_size = c.evaluate.batch_size = batch_size
   c.evaluate.baselines = ()
-  c.stages = "prepare,search,evaluate,report"
+  c.stages = "prepare,search,evaluate"
   return c
 
 
@@ -103,6 +103,30 @@ def planted_config(**overrides):
       node = node[p]
     node[last] = v
   return c
+
+
+def small_planted_config(**overrides):
+  """`planted_config` at the smallest shapes (four nodes of [4, 2], C=4, L=2), one seed,
+  128/64/64 examples: runs that exist to be resumed, damaged or streamed compile fast,
+  and the same shapes across modules share compiled programs through the cache."""
+  return planted_config(**{
+      "data.channels": {"A": (4, 4), "B": (4, 4)}, "data.length": 2,
+      "data.planted": ("A_2", "B_1"), "model.C": 4, "model.L": 2, "seeds": 1,
+      "data.sizes": (128, 64, 64), **overrides})
+
+
+SMALL_RUN_EPOCHS = 4
+
+
+@pytest.fixture(scope="session")
+def finished_small_run(tmp_path_factory):
+  """A finished `small_planted_config` run (prepare, a 4-epoch search, a 2-epoch
+  evaluation) for the modules that copy, resume or damage one; one per xdist worker, and
+  their compiled programs are shared through the cache."""
+  from bmnas_jax import pipeline
+  workdir = str(tmp_path_factory.mktemp("finished_small") / "run")
+  pipeline.run(small_planted_config(**{"search.epochs": SMALL_RUN_EPOCHS}), workdir)
+  return workdir
 
 
 class Killed(Exception):
@@ -129,9 +153,9 @@ def die_after_checkpoint(monkeypatch):
 
 # The slowest modules first (each runs whole on one xdist worker: --dist loadscope), so
 # that the two workers finish together.
-_SLOW_FIRST = ("test_trainers", "test_default_pipeline", "test_prepare", "test_streaming",
-               "test_ntu", "test_own_data", "test_mmimdb", "test_ego", "test_steps",
-               "test_planted")
+_SLOW_FIRST = ("test_trainers", "test_default_pipeline", "test_prepare", "test_reuse",
+               "test_streaming", "test_planted", "test_ntu", "test_own_data", "test_mmimdb",
+               "test_ego", "test_steps", "test_bad_workdir", "test_finetune")
 
 
 def pytest_collection_modifyitems(items):

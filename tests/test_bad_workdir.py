@@ -14,22 +14,20 @@ from bmnas_jax import checkpoint, pipeline
 from bmnas_jax.errors import DataError
 from bmnas_jax.genotype import GenotypeError
 from experiments import cli
-from tests.conftest import planted_config
+from tests.conftest import SMALL_RUN_EPOCHS, small_planted_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(**overrides):
-  return planted_config(**{"seeds": 1, "data.sizes": (128, 64, 64), "search.epochs": 1,
-                           "evaluate.epochs": 1, **overrides})
+  return small_planted_config(**{"search.epochs": SMALL_RUN_EPOCHS, **overrides})
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  """One finished run (prepare, search, evaluate) to copy and damage."""
-  workdir = str(tmp_path_factory.mktemp("finished") / "run")
-  pipeline.run(small_config(stages="prepare,search,evaluate"), workdir)
-  return workdir
+@pytest.fixture
+def finished(finished_small_run):
+  """One finished run (prepare, search, evaluate) to copy and damage (shared, never
+  changed)."""
+  return finished_small_run
 
 
 @pytest.fixture
@@ -133,7 +131,7 @@ def test_unfinished_newest_checkpoint_falls_back(copy, monkeypatch):
 def test_truncated_json_names_the_file(copy, name):
   path = os.path.join(copy, name)
   with open(path, "r+") as f:
-    f.truncate(os.path.getsize(path) // 2)
+    f.truncate(os.path.getsize(path) - 7)            # mid-line: the last record cut short
   with pytest.raises(DataError, match=f"^{path}(, line \\d+)?: not valid JSON"):
     pipeline.run(small_config(stages="report"), copy)
 

@@ -306,9 +306,9 @@ def test_malformed_annotations_and_config_errors(tmp_path):
 
 # ------------------------------------------------------------------ end to end
 
-def test_prepare_search_evaluate_report(tmp_path):
+def test_prepare_search_evaluate(tmp_path):
   """The paper config on a synthetic frame tree: reduced 3D ResNeXt (seeded init) for both
-  stems, two training views, prepare -> search -> evaluate -> report."""
+  stems, two training views, prepare -> search -> evaluate."""
   from bmnas_jax import pipeline
   from bmnas_jax.data import backbones as bb
   from bmnas_jax.data import shards
@@ -337,4 +337,4 @@ def test_prepare_search_evaluate_report(tmp_path):
   assert fs.views == {"train": 2} and [n.length for n in fs.nodes] == [8, 8, 8, 1] * 2
   assert fs.nodes[0].channels == shapes["layer2"][-1]
   assert 0 <= out["evaluate"]["final_test"]["mean"] <= 1
-  assert (tmp_path / "run" / "report.md").exists()
+  assert (tmp_path / "run" / "evaluate" / "metrics.json").exists()

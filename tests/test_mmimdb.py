@@ -132,6 +132,7 @@ def test_prepare_search_evaluate_report(tmp_path):
   c.data.channels = {"Image": (8, 8, 8, 8), "Text": (4, 8)}
   c.prepare.probe_examples = 32
   tiny_run(c)
+  c.stages += ",report"                 # the multi-label F1 tables
   out = pipeline.run(c, os.fspath(tmp_path / "run"))
   fs = shards.read_feature_set(tmp_path / "run" / "features", "mmimdb")
   assert [(n.name, n.channels, n.length) for n in fs.nodes] == [

@@ -278,7 +278,7 @@ def test_folders_and_config_errors(tmp_path):
 
 # ------------------------------------------------------------------ end to end
 
-def test_prepare_search_evaluate_report(tmp_path):
+def test_prepare_search_evaluate(tmp_path):
   """The paper config on synthetic files: reduced inflated ResNet-50 and HCN (seeded
   init), two training views, search on train / val, retraining on train + val + retrain."""
   from bmnas_jax import pipeline
@@ -316,4 +316,4 @@ def test_prepare_search_evaluate_report(tmp_path):
   assert [n.length for n in fs.nodes] == [8, 8, 8, 1, 8, 8, 1, 1]
   assert out["evaluate"]["train_splits"] == ["train", "val", "retrain"]
   assert 0 <= out["evaluate"]["final_test"]["mean"] <= 1
-  assert (tmp_path / "run" / "report.md").exists()
+  assert (tmp_path / "run" / "evaluate" / "metrics.json").exists()

@@ -9,22 +9,19 @@ import pytest
 
 from bmnas_jax import pipeline
 from bmnas_jax.errors import ConfigError
-from tests.conftest import planted_config
+from tests.conftest import SMALL_RUN_EPOCHS, small_planted_config
 
-EPOCHS = 4
+EPOCHS = SMALL_RUN_EPOCHS
 
 
 def _config(**overrides):
-  return planted_config(**{"search.epochs": EPOCHS, "seeds": 1, "data.sizes": (128, 64, 64),
-                           **overrides})
+  return small_planted_config(**{"search.epochs": EPOCHS, **overrides})
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  """A finished planted run: prepare, a 4-epoch search, evaluate."""
-  workdir = str(tmp_path_factory.mktemp("finished") / "run")
-  pipeline.run(_config(), workdir)
-  return workdir
+@pytest.fixture
+def finished(finished_small_run):
+  """A finished planted run: prepare, a 4-epoch search, evaluate (shared, never changed)."""
+  return finished_small_run
 
 
 @pytest.fixture

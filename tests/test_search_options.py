@@ -1,6 +1,8 @@
 """Search options beyond the defaults: genotype selection rules, the arch rate scaled to
 the arch steps per epoch, the entropy term, and the study's settings."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,7 +96,7 @@ def test_study_settings_apply_to_the_config():
       for part in key.split("."):
         node = node[part]
       assert node == value, (name, key)
-  assert c.search.alternation == "epoch"          # the original is not changed
+  assert c.search.epochs == mfeat.get_config().search.epochs   # the original is not changed
   with pytest.raises(ConfigError, match="config.search.epoch is not"):
     study.apply_overrides(c, {"search.epoch": 3})
 
@@ -143,3 +145,21 @@ def test_bench_flop_count_and_random_features():
   assert fs.node_names == ("Image_1", "Image_2", "Shape_1", "Shape_2")
   assert fs.splits["train"].features["Image_2"].shape == (6, 32, 4)
   assert fs.splits["test"].labels.shape == (2,)
+
+
+def test_disk_errors_name_the_file(tmp_path):
+  """A full disk while writing, as orbax reports it (a message, no errno) or as an
+  OSError, becomes a DataError naming the file being written."""
+  import errno
+  from bmnas_jax import checkpoint
+  from bmnas_jax.errors import DataError
+  target = tmp_path / "search" / "checkpoints" / "3"
+  with pytest.raises(DataError, match=f"{target}: cannot write: No space left on device"):
+    with checkpoint.disk_errors(target):
+      raise ValueError("tensorstore write failed: [OS error: No space left on device]")
+  with pytest.raises(DataError, match="x.json: cannot write: Read-only file system"):
+    with checkpoint.disk_errors(tmp_path / "x.json"):
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+  with pytest.raises(KeyError):                     # anything else is a bug: unchanged
+    with checkpoint.disk_errors(target):
+      raise KeyError("state")

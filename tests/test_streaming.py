@@ -12,7 +12,7 @@ from bmnas_jax.data import shards
 from bmnas_jax.data.planted import planted_features
 from bmnas_jax.evaluate import run_evaluate
 from bmnas_jax.search import run_search, seed_keys
-from tests.conftest import Killed, planted_config
+from tests.conftest import Killed, small_planted_config
 
 NAME = "planted_test"
 BLOCK = 3                  # divides none of the batch counts below
@@ -21,10 +21,9 @@ BLOCK = 3                  # divides none of the batch counts below
 def _config(alternation: str = "epoch"):
   """Four nodes (compiles fast); 8 train and 5 val batches (search), 13 train+val and
   5 + 5 evaluation batches (evaluate)."""
-  return planted_config(**{
-      "data.channels": {"A": (4, 4), "B": (4, 4)}, "data.length": 2,
-      "data.planted": ("A_2", "B_1"), "model.C": 4, "model.L": 2,
-      "data.sizes": (128, 80, 72), "data.in_memory": False, "data.stream_block": BLOCK,
+  return small_planted_config(**{
+      "seeds": 2, "data.sizes": (128, 80, 72), "data.in_memory": False,
+      "data.stream_block": BLOCK,
       "search.epochs": 3, "search.batch_size": 16, "search.alternation": alternation,
       "evaluate.epochs": 3, "evaluate.batch_size": 16,
       "model.dropout": 0.1, "evaluate.dropout": 0.2})       # dropout: the step keys matter

@@ -94,9 +94,12 @@ def test_devices_agree(reference, tmp_path, devices, seed_shards):
   one = res["search"]
   many = run_search(c, planted_features(c), str(tmp_path))
   assert [g.to_json() for g in one.best_genotypes] == [g.to_json() for g in many.best_genotypes]
-  for key in ("train_loss", "arch_loss", "val_loss", "val_metric"):
+  for key in ("train_loss", "arch_loss", "val_loss"):
     np.testing.assert_allclose(one.history[-1][key], many.history[-1][key], rtol=2e-4,
                                atol=2e-4)
+  # accuracy may differ by an example whose logits are within float noise of a tie
+  np.testing.assert_allclose(one.history[-1]["val_metric"], many.history[-1]["val_metric"],
+                             atol=1.0 / c.data.sizes[1] + 1e-6)
   np.testing.assert_allclose(np.asarray(one.history[-1]["arch_softmax"][1]["cell_0"]["alpha"]),
                              np.asarray(many.history[-1]["arch_softmax"][1]["cell_0"]["alpha"]),
                              atol=1e-5)

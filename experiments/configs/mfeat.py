@@ -32,7 +32,10 @@ def get_config():
   c.stages = "prepare,search,evaluate,ablate,report"
   c.search.epochs, c.search.batch_size = 10, 64
   c.search.weight_opt = common.weight_opt(3e-3, 1e-4, t_i=10, t_mult=2)
-  c.search.arch_opt.lr = 3e-3
+  # The search study (README "Making the search decide"): alternating every batch with a
+  # 10x arch rate makes 83 % of the choices clear (3 % with one epoch of each at 3e-3).
+  c.search.alternation = "step"
+  c.search.arch_opt.lr = 3e-2
   c.evaluate.epochs, c.evaluate.batch_size = 10, 64
   c.evaluate.dropout = 0.1
   c.evaluate.weight_opt = common.weight_opt(3e-3, 1e-4, t_i=10, t_mult=2)

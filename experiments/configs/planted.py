@@ -28,7 +28,9 @@ def get_config():
   c.prepare.probe_examples = 0
   c.search.epochs, c.search.batch_size = 10, 64
   c.search.weight_opt = common.weight_opt(3e-3, 1e-4, t_i=1, t_mult=2)
-  c.search.arch_opt.lr = 3e-3
+  # As the embedded default (the search study): every choice clear, all seeds agree.
+  c.search.alternation = "step"
+  c.search.arch_opt.lr = 3e-2
   c.evaluate.epochs, c.evaluate.batch_size = 10, 64
   c.evaluate.weight_opt = common.weight_opt(3e-3, 1e-4, t_i=10, t_mult=2)
   return c
