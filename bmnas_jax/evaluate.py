@@ -84,19 +84,7 @@ def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Ge
     states = jax.jit(jax.vmap(lambda k: steps.init_state(k, epochs.sample_x)))(keys)
 
     def on_epoch(epoch, states, m, seconds, extra):
-      loop.describe_bad(f"{stage} weight step", epoch, seeds, m["w"]["bad_step"],
-                        m["w"]["bad_code"])
-      ev_val, ev_test = m["eval"]
-      m = {"train_loss": m["w"]["loss"], "val_loss": ev_val["loss"],
-           "val_metric": ev_val["metric"], "test_loss": ev_test["loss"],
-           "test_metric": ev_test["metric"]}
-      rec = {"epoch": epoch, "seconds": round(seconds, 4), "seeds": seeds,
-             "metric": config.metric.name}
-      for k in ("train_loss", "val_loss", "val_metric", "test_loss", "test_metric"):
-        rec[k] = [float(v) for v in m[k]]
-        if not np.all(np.isfinite(rec[k])):
-          raise FloatingPointError(f"divergence in {stage} at epoch {epoch}: non-finite {k}")
-      return rec
+      return epoch_record(stage, epoch, seconds, seeds, config.metric.name, m)
 
     def write_outputs(history, extra):
       write_jsonl_atomic(os.path.join(stage_dir, "metrics.jsonl"), history)
@@ -112,6 +100,24 @@ def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Ge
                                     write_outputs, stage, {}, epochs_key="config.evaluate.epochs")
   return {**summarize(history, seeds, config, genotype, val_held_out, stage),
           "epoch_traces": epochs.traces}
+
+
+def epoch_record(stage: str, epoch: int, seconds: float, seeds: list[int], metric: str,
+                 m) -> dict:
+  """A retraining epoch's line of `metrics.jsonl` from the epoch's outputs `m` (weight
+  phase `w`, evaluation of val then test); a non-finite value stops the run naming it."""
+  loop.describe_bad(f"{stage} weight step", epoch, seeds, m["w"]["bad_step"],
+                    m["w"]["bad_code"])
+  ev_val, ev_test = m["eval"]
+  values = {"train_loss": m["w"]["loss"], "val_loss": ev_val["loss"],
+            "val_metric": ev_val["metric"], "test_loss": ev_test["loss"],
+            "test_metric": ev_test["metric"]}
+  rec = {"epoch": epoch, "seconds": round(seconds, 4), "seeds": seeds, "metric": metric}
+  for k, v in values.items():
+    rec[k] = [float(x) for x in v]
+    if not np.all(np.isfinite(rec[k])):
+      raise FloatingPointError(f"divergence in {stage} at epoch {epoch}: non-finite {k}")
+  return rec
 
 
 def model_id(model: nn.Module) -> str:

@@ -24,7 +24,7 @@ from bmnas_jax.data.pooling import pool_tap
 from bmnas_jax.data.prepare import backbone_dir, plan_modalities
 from bmnas_jax.data.source import ArraySplit, Dataset, load_dataset
 from bmnas_jax.errors import ConfigError, DataError
-from bmnas_jax.evaluate import summarize
+from bmnas_jax.evaluate import epoch_record, summarize
 from bmnas_jax.fixed_net import FixedNet, fixed_net_from_config
 from bmnas_jax.search import seed_keys, seed_list
 from bmnas_jax.steps import Steps, TrainState
@@ -320,19 +320,7 @@ def run_finetune(config, workdir: str, genotype: genotype_lib.Genotype,
     states = ft.init_states(keys, epochs.sample_x)
 
     def on_epoch(epoch, states, m, seconds, extra):
-      loop.describe_bad(f"{stage} weight step", epoch, seeds, m["w"]["bad_step"],
-                        m["w"]["bad_code"])
-      ev_val, ev_test = m["eval"]
-      m = {"train_loss": m["w"]["loss"], "val_loss": ev_val["loss"],
-           "val_metric": ev_val["metric"], "test_loss": ev_test["loss"],
-           "test_metric": ev_test["metric"]}
-      rec = {"epoch": epoch, "seconds": round(seconds, 4), "seeds": seeds,
-             "metric": config.metric.name}
-      for k, v in m.items():
-        rec[k] = [float(x) for x in v]
-        if not np.all(np.isfinite(rec[k])):
-          raise FloatingPointError(f"divergence in {stage} at epoch {epoch}: non-finite {k}")
-      return rec
+      return epoch_record(stage, epoch, seconds, seeds, config.metric.name, m)
 
     def result(history):
       return {**summarize(history, seeds, config, genotype, val_held_out, stage),

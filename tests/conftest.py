@@ -115,6 +115,16 @@ def small_planted_config(**overrides):
       "data.sizes": (128, 64, 64), **overrides})
 
 
+def tree_state(root) -> dict:
+  """Every path under `root` with its size and mtime: equal before and after = untouched."""
+  out = {}
+  for folder, dirs, files in os.walk(root):
+    for name in dirs + files:
+      st = os.stat(os.path.join(folder, name))
+      out[os.path.relpath(os.path.join(folder, name), root)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
 SMALL_RUN_EPOCHS = 4
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from bmnas_jax import pipeline
 from bmnas_jax.errors import ConfigError
-from tests.conftest import SMALL_RUN_EPOCHS, small_planted_config
+from tests.conftest import SMALL_RUN_EPOCHS, small_planted_config, tree_state
 
 EPOCHS = SMALL_RUN_EPOCHS
 
@@ -35,14 +35,7 @@ def _read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def _tree(root):
-  """path -> (size, mtime_ns) of every file and folder under `root`."""
-  out = {}
-  for d, dirs, files in os.walk(root):
-    for n in dirs + files:
-      st = os.stat(os.path.join(d, n))
-      out[os.path.relpath(os.path.join(d, n), root)] = (st.st_size, st.st_mtime_ns)
-  return out
+_tree = tree_state
 
 
 # ------------------------------------------------------------------- epochs

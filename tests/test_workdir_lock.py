@@ -14,6 +14,7 @@ import pytest
 from bmnas_jax import study
 from bmnas_jax.errors import InputError, WorkdirInUseError
 from bmnas_jax.workdir_lock import LOCK_FILE, holds_workdir, workdir_lock
+from tests.conftest import tree_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Takes the lock, says so, holds it until stdin closes (or the process is killed).
@@ -47,14 +48,7 @@ def holder(tmp_path):
     stream.close()
 
 
-def _tree(root) -> dict:
-  """Every path under `root` with its size and mtime."""
-  out = {}
-  for folder, dirs, files in os.walk(root):
-    for name in dirs + files:
-      st = os.stat(os.path.join(folder, name))
-      out[os.path.relpath(os.path.join(folder, name), root)] = (st.st_size, st.st_mtime_ns)
-  return out
+_tree = tree_state
 
 
 def test_lock_records_holder_refuses_others_and_releases(tmp_path):
