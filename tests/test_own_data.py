@@ -14,6 +14,7 @@ def test_own_data_example_end_to_end(tmp_path):
     c.backbones[m].epochs = 1
   c.search.epochs = c.evaluate.epochs = 1
   c.model.num_cells = c.model.multiplier = 1
+  c.model.steps = c.model.node_multiplier = 1
   c.prepare.probe_examples = 100
   c.evaluate.baselines = ()
   out = pipeline.run(c, os.fspath(tmp_path))
