@@ -67,7 +67,7 @@ def test_nan_guard_names_the_quantity(setup):
 
 
 def test_search_stops_on_a_poisoned_batch(tmp_path):
-  c = planted_config(**{"search.epochs": 2})         # the trainers' reference program
+  c = planted_config(**{"search.epochs": 4})         # the trainers' reference program
   fs = planted_features(c)
   fs.splits["train"].features["B_2"][5, 1, 1] = np.inf       # every epoch reaches row 5
   fs.validate = lambda where="": None                        # bypass the input check
