@@ -195,7 +195,7 @@ def evaluate_curves(records: Sequence[Mapping[str, Any]], path: str, title: str,
   """Evaluation curves per epoch: val (solid) and test (dashed) metric per seed; losses.
 
   Args:
-    records: the lines of `evaluate/metrics.jsonl` (or `late_fusion/metrics.jsonl`).
+    records: the lines of `evaluate/metrics.jsonl` (or a baseline's `baselines/<name>/metrics.jsonl`).
     path: PNG path.
     title: figure title.
     metric_label: y-axis name.
