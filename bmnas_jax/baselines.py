@@ -66,8 +66,7 @@ class MLPBaseline(nn.Module):
         x = ReshapeInput(self.C, self.L, self.dropout, name=f"reshape_{name}")(x, train)
       flat.append(x.reshape(x.shape[0], -1))
     h = layers.Linear(self.hidden, name="fc1")(jnp.concatenate(flat, axis=-1))
-    h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     name="bn")(nn.relu(h))
+    h = layers.batch_norm(train, name="bn")(nn.relu(h))
     h = layers.Dropout(self.dropout, deterministic=not train)(h)
     return layers.Linear(self.num_classes, name="fc2")(h)
 

@@ -58,17 +58,10 @@ def benchmark(config, seeds: int = 1, steps: int = 20, repeats: int = 5,
   loop.check_batch_divides(batch, mesh, "config.search.batch_size")
   model = hypernet_from_config(config, nodes)
   n = batch * pool_batches
-  rng = np.random.default_rng(0)
   kind = config.data.label_kind
-  k = config.model.num_classes
-
-  def split():
-    x = {nd.name: rng.standard_normal((n, nd.channels, nd.length), np.float32) for nd in nodes}
-    y = (rng.integers(0, 2, (n, k)).astype(np.float32) if kind == "multi"
-         else rng.integers(0, k, n).astype(np.int32))
-    return loop.replicate({"x": x, "y": y}, mesh)
-
-  data = {"train": split(), "val": split()}
+  fs = random_feature_set(config, (n, n, 1))
+  data = {s: loop.replicate({"x": fs.splits[s].features, "y": fs.splits[s].labels}, mesh)
+          for s in ("train", "val")}
   w_tx = optim.weight_optimizer(config.search.weight_opt, pool_batches, 10 * steps)
   a_tx = optim.arch_optimizer(config.search.arch_opt)
   metric = config.metric.name

@@ -47,7 +47,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 # Names of the temporary files and folders the atomic writers leave behind when a run
-# dies: write_text_atomic (`.NAME.XXXXXXXX.tmp`), genotype.save, chunk npz files,
+# dies: write_text_atomic (`.NAME.<8 random characters>.tmp`), genotype.save, chunk npz files,
 # export / shard / report staging folders (mkdtemp) and swap_dir_into_place backups.
 _MKTEMP = r"[a-z0-9_]{8}"
 STALE_FILE = re.compile(rf"\..+\.{_MKTEMP}\.tmp|\.genotype-{_MKTEMP}\.tmp|\..+\.npz\.tmp")
@@ -180,6 +180,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
     self.directory = os.path.abspath(os.fspath(directory))
+    self._pending = self.directory          # the folder of the save in flight (for errors)
     self._drop_unfinished()
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
@@ -223,7 +224,7 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until the pending save is finalized (raises if it failed; a full or
     read-only disk as a DataError naming the checkpoint folder)."""
-    with disk_errors(getattr(self, "_pending", self.directory)):
+    with disk_errors(self._pending):
       self.manager.wait_until_finished()
 
   def restore_meta(self, step: int) -> dict:

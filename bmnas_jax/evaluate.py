@@ -47,11 +47,7 @@ def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Ge
   """
   loop.check_data(fs)
   check_data_against_config(config, fs)
-  ec = config.evaluate
-  if not isinstance(ec.epochs, int) or ec.epochs < 1:
-    raise ConfigError(f"config.evaluate.epochs={ec.epochs!r} must be a positive int")
-  if "test" in ec.train_splits:
-    raise ConfigError("config.evaluate.train_splits must not contain 'test'")
+  ec = check_evaluate_config(config)
   seeds = seed_list(config)
   mesh = loop.mesh_from_config(config)
   loop.check_batch_divides(ec.batch_size, mesh, "config.evaluate.batch_size")
@@ -67,16 +63,8 @@ def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Ge
   w_tx = optim.weight_optimizer_from_config(config, ec.weight_opt, n_train, batch, ec.epochs)
   steps = Steps.from_config(model, fs.label_kind, w_tx, None, config)
   val_held_out = "val" not in ec.train_splits
-
-  def plan(key, epoch):
-    k_perm, k_w = jax.random.split(jax.random.fold_in(key, epoch))
-    rows = loop.shuffled_batches(k_perm, n_train, batch, nb)
-    return (({"train": train_rows(rows, jax.random.fold_in(k_perm, 1))}, k_w),)
-
-  phases = (loop.Phase(loop.grouped("w", steps.weight_step, "train"), {"train": train_splits},
-                       nb, ("w",)),)
-  epochs = loop.make_epochs(loop.EpochSpec(phases, plan, ("val", "test"), batch), steps, fs,
-                            mesh, block)
+  epochs = loop.make_epochs(retraining_epoch(steps, train_rows, train_splits, batch, nb),
+                            steps, fs, mesh, block)
 
   stage_dir = os.path.join(workdir, stage)
   with jax.set_mesh(mesh):
@@ -92,14 +80,44 @@ def run_evaluate(config, fs: FeatureSet | ShardSource, genotype: genotype_lib.Ge
         write_json_atomic(os.path.join(stage_dir, "metrics.json"),
                           summarize(history, seeds, config, genotype, val_held_out, stage))
 
-    fp = {"genotype": genotype and genotype.to_json_dict(), "model_id": model_id(model),
-          "evaluate": json.loads(ec.to_json()),
-          "model": json.loads(config.model.to_json()), "fidelity": config.fidelity,
-          "seed": config.seed, "seeds": config.seeds, "metric": json.loads(config.metric.to_json())}
+    fp = {**retraining_fingerprint(config, genotype), "model_id": model_id(model)}
     _, history, _ = loop.run_epochs(stage_dir, fp, states, epochs, ec.epochs, on_epoch,
                                     write_outputs, stage, {}, epochs_key="config.evaluate.epochs")
   return {**summarize(history, seeds, config, genotype, val_held_out, stage),
           "epoch_traces": epochs.traces}
+
+
+def check_evaluate_config(config):
+  """`config.evaluate`, after checking its epochs and that it never trains on test."""
+  ec = config.evaluate
+  if not isinstance(ec.epochs, int) or ec.epochs < 1:
+    raise ConfigError(f"config.evaluate.epochs={ec.epochs!r} must be a positive int")
+  if "test" in ec.train_splits:
+    raise ConfigError("config.evaluate.train_splits must not contain 'test'")
+  return ec
+
+
+def retraining_epoch(steps: Steps, train_rows: loop.ViewRows, train_splits: tuple[str, ...],
+                     batch: int, nb: int) -> loop.EpochSpec:
+  """A retraining epoch: `nb` shuffled batches of the training splits (one view drawn per
+  example), a weight step each; then val and test evaluated."""
+  def plan(key, epoch):
+    k_perm, k_w = jax.random.split(jax.random.fold_in(key, epoch))
+    rows = loop.shuffled_batches(k_perm, train_rows.examples, batch, nb)
+    return (({"train": train_rows(rows, jax.random.fold_in(k_perm, 1))}, k_w),)
+
+  phases = (loop.Phase(loop.grouped("w", steps.weight_step, "train"), {"train": train_splits},
+                       nb, ("w",)),)
+  return loop.EpochSpec(phases, plan, ("val", "test"), batch)
+
+
+def retraining_fingerprint(config, genotype: genotype_lib.Genotype | None) -> dict:
+  """Config parts a resumed retraining must share with its checkpoint."""
+  return {"genotype": genotype and genotype.to_json_dict(),
+          "evaluate": json.loads(config.evaluate.to_json()),
+          "model": json.loads(config.model.to_json()), "fidelity": config.fidelity,
+          "seed": config.seed, "seeds": config.seeds,
+          "metric": json.loads(config.metric.to_json())}
 
 
 def epoch_record(stage: str, epoch: int, seconds: float, seeds: list[int], metric: str,

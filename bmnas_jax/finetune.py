@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 from typing import Any, Mapping
@@ -24,7 +23,8 @@ from bmnas_jax.data.pooling import pool_tap
 from bmnas_jax.data.prepare import backbone_dir, plan_modalities
 from bmnas_jax.data.source import ArraySplit, Dataset, load_dataset
 from bmnas_jax.errors import ConfigError, DataError
-from bmnas_jax.evaluate import epoch_record, summarize
+from bmnas_jax.evaluate import (check_evaluate_config, epoch_record, retraining_epoch,
+                                retraining_fingerprint, summarize)
 from bmnas_jax.fixed_net import FixedNet, fixed_net_from_config
 from bmnas_jax.search import seed_keys, seed_list
 from bmnas_jax.steps import Steps, TrainState
@@ -229,11 +229,7 @@ class Finetune:
 
 def build_finetune(config, workdir: str, genotype: genotype_lib.Genotype) -> Finetune:
   """The fine-tuned model, optimizer and raw data of `genotype` (see `run_finetune`)."""
-  ec = config.evaluate
-  if not isinstance(ec.epochs, int) or ec.epochs < 1:
-    raise ConfigError(f"config.evaluate.epochs={ec.epochs!r} must be a positive int")
-  if "test" in ec.train_splits:
-    raise ConfigError("config.evaluate.train_splits must not contain 'test'")
+  ec = check_evaluate_config(config)
   mult = backbone_lr_mult(config)
   nodes = nodes_from_config(config.data)
   fusion = fixed_net_from_config(config, nodes, genotype, dropout=ec.dropout)
@@ -303,16 +299,8 @@ def run_finetune(config, workdir: str, genotype: genotype_lib.Genotype,
   train_rows = loop.ViewRows(ft.data, train_splits, "config.evaluate.train_splits")
   nb = loop.num_batches(train_rows.examples, batch, "config.evaluate.batch_size")
   val_held_out = "val" not in train_splits
-
-  def plan(key, epoch):
-    k_perm, k_w = jax.random.split(jax.random.fold_in(key, epoch))
-    rows = loop.shuffled_batches(k_perm, train_rows.examples, batch, nb)
-    return (({"train": train_rows(rows, jax.random.fold_in(k_perm, 1))}, k_w),)
-
-  phases = (loop.Phase(loop.grouped("w", steps.weight_step, "train"), {"train": train_splits},
-                       nb, ("w",)),)
-  epochs = loop.InMemoryEpochs(loop.EpochSpec(phases, plan, ("val", "test"), batch), steps,
-                               ft.data, mesh)
+  epochs = loop.InMemoryEpochs(retraining_epoch(steps, train_rows, train_splits, batch, nb),
+                               steps, ft.data, mesh)
   stage_dir = os.path.join(workdir, stage)
   mult = backbone_lr_mult(config)
   with jax.set_mesh(mesh):
@@ -332,9 +320,7 @@ def run_finetune(config, workdir: str, genotype: genotype_lib.Genotype,
       if len(history) == ec.epochs:
         write_json_atomic(os.path.join(stage_dir, "metrics.json"), result(history))
 
-    fp = {"genotype": genotype.to_json_dict(), "evaluate": json.loads(ec.to_json()),
-          "model": json.loads(config.model.to_json()), "fidelity": config.fidelity,
-          "seed": config.seed, "seeds": config.seeds, "metric": json.loads(config.metric.to_json()),
+    fp = {**retraining_fingerprint(config, genotype),
           "backbones": dict(ft.content_ids), "data": ft.data_fingerprint,
           "net": hashlib.sha256(repr(ft.model).encode()).hexdigest()[:16]}
     _, history, _ = loop.run_epochs(stage_dir, fp, states, epochs, ec.epochs, on_epoch,
