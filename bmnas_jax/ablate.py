@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bmnas_jax import genotype as genotype_lib
+from bmnas_jax import hosts
 from bmnas_jax.baselines import stage_of
 from bmnas_jax.checkpoint import write_json_atomic
 from bmnas_jax.data.feature_set import FeatureSet
@@ -84,5 +85,6 @@ def run_ablations(config, fs: FeatureSet | ShardSource, searched: genotype_lib.G
               + [r for r in rows if r["table"] == "fusion"]
               + [{"table": "fusion", **searched_row}] + trials)
   result = {"metric": config.metric.name, "seeds": searched_result["seeds"], "rows": out_rows}
-  write_json_atomic(os.path.join(workdir, "ablate", "results.json"), result)
+  if hosts.is_primary():
+    write_json_atomic(os.path.join(workdir, "ablate", "results.json"), result)
   return result

@@ -13,9 +13,11 @@ import uuid
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from bmnas_jax import hosts
 from bmnas_jax.errors import DISK_ERRNOS, DataError
 
 
@@ -176,21 +178,34 @@ class Checkpointer:
   Each checkpoint holds the state pytree (`StandardSave`) and a JSON `meta`
   (history, best-so-far, config fingerprint). Orbax finalizes a checkpoint by
   rename, so a run killed mid-save resumes from the previous epoch.
+
+  Under `jax.distributed` (several processes) the state is gathered to every host and
+  process 0 alone writes and reads the folder (orbax over that one process); what it
+  reads is sent to the others (`hosts.share`), and each process places its devices'
+  parts. Every process calls every method in the same order.
   """
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
     self.directory = os.path.abspath(os.fspath(directory))
     self._pending = self.directory          # the folder of the save in flight (for errors)
+    self.multi, self.manager = hosts.is_multi(), None
+    if not hosts.is_primary():
+      return
     self._drop_unfinished()
+    extra = {}
+    if self.multi:                          # orbax leaves making the folder to us here
+      os.makedirs(self.directory, exist_ok=True)
+      extra = {"create": False, "multiprocessing_options": ocp.options.MultiprocessingOptions(
+          primary_host=0, active_processes={0})}
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                             create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(
+            **{"max_to_keep": max_to_keep, "create": True, **extra}))
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
   def latest(self) -> int | None:
-    return self.manager.latest_step()
+    return hosts.share(self.manager and self.manager.latest_step())
 
   def _drop_unfinished(self) -> None:
     """Removes step folders newer than the newest finalized checkpoint that orbax never
@@ -217,6 +232,10 @@ class Checkpointer:
     previous finalized checkpoint, and replays the same epoch.
     """
     self._pending = self.step_dir(step)
+    if self.multi:
+      state = hosts.to_host(state)          # every process takes part in the gather
+    if self.manager is None:
+      return
     with disk_errors(self._pending):
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)))
@@ -224,16 +243,35 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until the pending save is finalized (raises if it failed; a full or
     read-only disk as a DataError naming the checkpoint folder)."""
+    if self.manager is None:
+      return
     with disk_errors(self._pending):
       self.manager.wait_until_finished()
 
   def restore_meta(self, step: int) -> dict:
     """The JSON meta of checkpoint `step` (DataError naming the folder if damaged)."""
-    meta = self._restore(step, "meta", ocp.args.JsonRestore())
-    if not isinstance(meta, dict) or not {"fingerprint", "history", "extra"} <= set(meta):
-      raise DataError(f"{self.step_dir(step)}: damaged checkpoint: its meta is not an "
-                      f"object with fingerprint, history and extra; {_DAMAGED_HINT}")
-    return meta
+    def read():
+      meta = self._restore(step, "meta", ocp.args.JsonRestore())
+      if not isinstance(meta, dict) or not {"fingerprint", "history", "extra"} <= set(meta):
+        raise DataError(f"{self.step_dir(step)}: damaged checkpoint: its meta is not an "
+                        f"object with fingerprint, history and extra; {_DAMAGED_HINT}")
+      return meta
+    return hosts.share(self._on_primary(read))
+
+  def _on_primary(self, read):
+    """`read()` on process 0; a DataError it raises is raised on every process."""
+    if not self.multi:
+      return read()
+    error, out = None, None
+    if self.manager is not None:
+      try:
+        out = read()
+      except DataError as e:
+        error = str(e)
+    error = hosts.share(error)
+    if error:
+      raise DataError(error)
+    return out
 
   def _restore(self, step: int, item: str, args):
     # Orbax reports a damaged checkpoint as whatever its reader met (KeyError,
@@ -248,9 +286,15 @@ class Checkpointer:
 
   def restore_state(self, step: int, like_state):
     """Restores the state; `like_state` gives structure, dtypes and shardings."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-    return self._restore(step, "state", ocp.args.StandardRestore(abstract))
+    if not self.multi:
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+      return self._restore(step, "state", ocp.args.StandardRestore(abstract))
+    like_host = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), like_state)
+    host = self._on_primary(
+        lambda: self._restore(step, "state", ocp.args.StandardRestore(like_host)))
+    return hosts.to_devices(hosts.share_arrays(host, like_host), like_state)
 
   def close(self) -> None:
     self.wait()
-    self.manager.close()
+    if self.manager is not None:
+      self.manager.close()

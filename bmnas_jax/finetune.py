@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from bmnas_jax import genotype as genotype_lib
-from bmnas_jax import loop, optim
+from bmnas_jax import hosts, loop, optim
 from bmnas_jax.checkpoint import write_json_atomic, write_jsonl_atomic
 from bmnas_jax.data import backbones as bb
 from bmnas_jax.data import datasets
@@ -290,6 +290,10 @@ def run_finetune(config, workdir: str, genotype: genotype_lib.Genotype,
     (modality -> export content id) and `epoch_traces`.
   """
   ec = config.evaluate
+  if hosts.is_multi():
+    raise ConfigError("config.evaluate.finetune_backbones=True runs in one process (it "
+                      "reads the raw dataset into memory); turn it off under "
+                      "config.distributed, or run the evaluate stage in one process")
   seeds = seed_list(config)
   mesh = loop.mesh_from_config(config)
   loop.check_batch_divides(ec.batch_size, mesh, "config.evaluate.batch_size")

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from absl import logging
 from tqdm import tqdm
 
+from bmnas_jax import hosts
 from bmnas_jax.checkpoint import Checkpointer
 from bmnas_jax.data.feature_set import FeatureSet, Split
 from bmnas_jax.steps import NONFINITE, Steps, TrainState
@@ -37,10 +38,23 @@ DATA, SEED = "data", "seed"
 # ------------------------------------------------------------------ devices
 
 def maybe_initialize_distributed(config) -> None:
-  """`jax.distributed.initialize()` when `config.distributed` or the environment asks."""
+  """`jax.distributed.initialize()` when `config.distributed` or the environment
+  (`BMNAS_DISTRIBUTED=1`) asks; `config.coordinator_address`, `num_processes` and
+  `process_id` where JAX does not detect the cluster. On CPUs the processes' collectives
+  go over gloo. Must run before anything starts the JAX backend."""
   wanted = bool(config.get("distributed", False)) or os.environ.get("BMNAS_DISTRIBUTED") == "1"
-  if wanted and jax.process_count() == 1:
-    jax.distributed.initialize()
+  if not wanted or jax.distributed.is_initialized():
+    return
+  given = {"coordinator_address": config.get("coordinator_address", "") or None,
+           "num_processes": config.get("num_processes", 0) or None,
+           "process_id": None if config.get("process_id", -1) < 0 else config.process_id}
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+  except (ValueError, RuntimeError) as e:
+    raise ConfigError(f"config.distributed: jax.distributed.initialize failed ({e}); set "
+                      f"config.coordinator_address, config.num_processes and "
+                      f"config.process_id where the cluster is not detected") from e
 
 
 def default_compile_cache() -> str:
@@ -467,6 +481,33 @@ def pad_axis(tree, size: int, axis: int):
   return jax.tree.map(pad, tree)
 
 
+def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array as a (global) array laid out by `sharding`; each process places only
+  its own devices' parts (every process passes the same array)."""
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def place_rows(read: Callable, rows: np.ndarray, sharding: NamedSharding):
+  """The records of int `rows` (`read(rows)` -> leaves `[*rows.shape, ...]`) as arrays
+  laid out by `sharding` over their leading `rows.ndim` axes: each process reads only
+  the rows of its own devices' parts, each distinct part once."""
+  parts, order = {}, []
+  for device, idx in sharding.addressable_devices_indices_map(rows.shape).items():
+    key = tuple((i.start, i.stop) for i in idx)
+    if key not in parts:
+      parts[key] = read(rows[idx])
+    order.append((device, key))
+  first = parts[order[0][1]]
+
+  def assemble(path, _):
+    leaves = [(d, functools.reduce(lambda t, k: t[k.key], path, parts[key])) for d, key in order]
+    shape = rows.shape + leaves[0][1].shape[rows.ndim:]
+    return jax.make_array_from_single_device_arrays(
+        shape, sharding, [jax.device_put(a, d) for d, a in leaves])
+
+  return jax.tree_util.tree_map_with_path(assemble, first)
+
+
 def prefetch(load: Callable, items: list, depth: int = 2) -> Iterator:
   """`load(item)` of each item in order, computed up to `depth` items ahead on a thread."""
   pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bmnas-prefetch")
@@ -567,23 +608,26 @@ class StreamedEpochs:
     return fold_eval(self.steps, state, sums, fetch, self.eval_block, n_valid)
 
   def _load(self, rows, item):
-    """The device block of `item` = (phase or None for evaluation, first batch)."""
+    """The device block of `item` = (phase or None for evaluation, first batch). A
+    phase's last block is padded with row 0 (those steps are not run)."""
     p, first = item
     if p is None:
       k = self.eval_block
-      r, masks, sids = (a[first:first + k] for a in self.eval_plan)
-      b = pad_axis({**self.readers[split_key(self.spec.eval_splits)](r), "mask": masks}, k, 0)
-      return {**jax.device_put(b, NamedSharding(self.mesh, P(None, DATA))),
-              "sid": jax.device_put(pad_axis(sids, k, 0), NamedSharding(self.mesh, P()))}
+      r, masks, sids = (pad_axis(a[first:first + k], k, 0) for a in self.eval_plan)
+      sharding = NamedSharding(self.mesh, P(None, DATA))
+      return {**place_rows(self.readers[split_key(self.spec.eval_splits)], r, sharding),
+              "mask": place(masks, sharding),
+              "sid": place(sids, NamedSharding(self.mesh, P()))}
     ph, k = self.spec.phases[p], self.blocks[p]
-    b = {src: pad_axis(self.readers[split_key(s)](rows[p][src][:, first:first + k]), k, 1)
-         for src, s in ph.sources.items()}
-    return jax.device_put(b, NamedSharding(self.mesh, P(SEED, None, DATA)))
+    sharding = NamedSharding(self.mesh, P(SEED, None, DATA))
+    return {src: place_rows(self.readers[split_key(s)],
+                            pad_axis(rows[p][src][:, first:first + k], k, 1), sharding)
+            for src, s in ph.sources.items()}
 
   def __call__(self, states: TrainState, epoch) -> tuple[TrainState, dict[str, Any]]:
     spec = self.spec
     plans = self._plan(states.key, epoch)
-    rows = jax.device_get([r for r, _ in plans])               # per phase: source -> [S, n, B]
+    rows = hosts.to_host([r for r, _ in plans])                # per phase: source -> [S, n, B]
     acc, sums = self._start(states)
     nb_eval = self.eval_plan[0].shape[0]
     items = [(p, i) for p, ph in enumerate(spec.phases)
@@ -643,7 +687,8 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
     on_epoch: `(epoch, states, host metrics, seconds, extra) -> record` (may update extra).
     write_outputs: `(history, extra) -> None`, writes the stage's files (atomically);
       called only once the checkpoint of the same epochs is finalized, and after a
-      resume, so the files never run ahead of the newest complete checkpoint.
+      resume, so the files never run ahead of the newest complete checkpoint; on
+      process 0 only under `jax.distributed` (every process gets the same history).
     epochs_key: the config key of `num_epochs`, for errors.
   Returns:
     (states, history of records, extra).
@@ -655,6 +700,11 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
   """
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"))
   history, extra, start = [], dict(extra0), 0
+
+  def write(history, extra):
+    if hosts.is_primary():               # one writer; every process computes the same
+      write_outputs(history, extra)
+
   where = f"{os.path.basename(os.path.normpath(stage_dir))}/"
   try:
     latest = ckpt.latest()
@@ -671,7 +721,7 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
                           f"{changed} differ); use a new --workdir or the same config")
       states = ckpt.restore_state(latest, states)
       history, extra, start = meta["history"], meta["extra"], latest + 1
-      write_outputs(history, extra)
+      write(history, extra)
       if start < num_epochs:
         logging.warning("%s resuming at epoch %d of %d: the checkpoint holds %d finished "
                         "epochs of the same config (%s is not part of the config check, "
@@ -685,17 +735,17 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
     for epoch in bar:
       t0 = time.perf_counter()
       states, dev_metrics = epoch_fn(states, jnp.int32(epoch))
-      host = jax.device_get(dev_metrics)   # the previous save overlapped with this epoch
+      host = hosts.to_host(dev_metrics)    # the previous save overlapped with this epoch
       if saved:                            # its files, once its checkpoint is complete
         ckpt.wait()
-        write_outputs(history, extra)
+        write(history, extra)
       record = on_epoch(epoch, states, host, time.perf_counter() - t0, extra)
       history.append(record)
       ckpt.save(epoch, states, {"fingerprint": fingerprint, "history": history, "extra": extra})
       saved = True
     if saved:
       ckpt.wait()
-      write_outputs(history, extra)
+      write(history, extra)
   finally:
     ckpt.close()
   return states, history, extra

@@ -7,6 +7,7 @@ import os
 from absl import logging
 
 from bmnas_jax import genotype as genotype_lib
+from bmnas_jax import hosts
 from bmnas_jax.ablate import run_ablations
 from bmnas_jax.baselines import run_baselines
 from bmnas_jax.checkpoint import clean_stale_temps, read_json
@@ -57,10 +58,13 @@ def run(config, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   config = with_fidelity(config)
   stages = parse_stages(config.stages)
-  _make_workdir(workdir)
+  if hosts.is_primary():                # under jax.distributed, process 0 writes
+    _make_workdir(workdir)
+  hosts.barrier("workdir")
   with workdir_lock(workdir):           # one writer per workdir
-    for path in clean_stale_temps(workdir):  # left by killed runs; the lock makes it safe
-      logging.info("removed %s (left by an earlier run)", path)
+    if hosts.is_primary():
+      for path in clean_stale_temps(workdir):  # left by killed runs; the lock makes it safe
+        logging.info("removed %s (left by an earlier run)", path)
     return _run_stages(config, stages, workdir)
 
 
@@ -80,7 +84,9 @@ def _run_stages(config, stages: tuple[str, ...], workdir: str) -> dict:
   results = {}
   if "prepare" in stages:
     from bmnas_jax.data.prepare import run_prepare    # TFDS, orbax, scikit-learn: on demand
-    results["prepare"] = run_prepare(config, workdir)
+    if hosts.is_primary():            # on its own devices; the other processes wait
+      results["prepare"] = run_prepare(config, workdir)
+    hosts.barrier("prepare")
   fs = None
   if set(stages) & {"search", "evaluate", "ablate"}:
     from bmnas_jax.data.prepare import load_features
@@ -88,6 +94,7 @@ def _run_stages(config, stages: tuple[str, ...], workdir: str) -> dict:
   if "search" in stages:
     results["search"] = run_search(config, fs, workdir)
     logging.info("search: best genotype %s", results["search"].genotype.to_json())
+    hosts.barrier("search")             # its files are written before anyone reads them
   searched_path = config.evaluate.get("genotype") or os.path.join(workdir, "search",
                                                                    "best_genotype.json")
   if "evaluate" in stages or "ablate" in stages:
@@ -106,11 +113,13 @@ def _run_stages(config, stages: tuple[str, ...], workdir: str) -> dict:
       results["evaluate_finetune"] = run_finetune(config, workdir, searched)
     results["baselines"] = run_baselines(config, fs, workdir)
   if "ablate" in stages:
+    hosts.barrier("evaluate")
     ev = results.get("evaluate") or _read_json(os.path.join(workdir, "evaluate", "metrics.json"))
     results["ablate"] = run_ablations(config, fs, searched, workdir, ev)
-  if "report" in stages:
+  if "report" in stages and hosts.is_primary():
     from bmnas_jax.report.report import write_report   # matplotlib: on demand
     results["report"] = write_report(config, workdir)
+  hosts.barrier("stages")
   return results
 
 

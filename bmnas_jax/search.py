@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmnas_jax import genotype as genotype_lib
-from bmnas_jax import loop, optim
+from bmnas_jax import hosts, loop, optim
 from bmnas_jax.checkpoint import write_json_atomic, write_jsonl_atomic
 from bmnas_jax.data.feature_set import FeatureSet, nodes_from_config
 from bmnas_jax.search_space import hypernet_from_config
@@ -206,7 +206,7 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str,
       for name in ("train_loss", "arch_loss", "val_loss"):
         if not np.all(np.isfinite(m[name])):
           raise FloatingPointError(f"divergence at epoch {epoch}: non-finite {name}")
-      arch = jax.device_get(states.arch)
+      arch = hosts.to_host(states.arch)
       per_seed = [jax.tree.map(lambda a, s=s: np.asarray(a[s]), arch) for s in range(len(seeds))]
       genos = [genotype_lib.derive_from_config(a, names, config) for a in per_seed]
       val_metric = [float(v) for v in m["val_metric"]]

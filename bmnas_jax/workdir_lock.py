@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 from absl import logging
 
 from bmnas_jax.errors import WorkdirInUseError
+from bmnas_jax.hosts import is_primary
 
 LOCK_FILE = ".lock"
 # flock(2) is not offered by this filesystem (some NFS and Lustre mounts).
@@ -41,7 +42,7 @@ def workdir_lock(workdir: str) -> Iterator[dict[str, Any] | None]:
     WorkdirInUseError: another running process holds the lock; the message names
       the workdir and that process. Nothing in the workdir is created or changed.
   """
-  if not _is_primary():
+  if not is_primary():
     yield None
     return
   workdir = os.path.abspath(workdir)
@@ -70,20 +71,12 @@ def holds_workdir(fn: Callable) -> Callable:
   @functools.wraps(fn)
   def locked(*args, **kwargs):
     workdir = inspect.signature(fn).bind(*args, **kwargs).arguments["workdir"]
-    os.makedirs(workdir, exist_ok=True)
+    if is_primary():
+      os.makedirs(workdir, exist_ok=True)
     with workdir_lock(workdir):
       return fn(*args, **kwargs)
 
   return locked
-
-
-def _is_primary() -> bool:
-  """False only on processes other than 0 of a `jax.distributed` run (the backend is not
-  started here when it is not yet)."""
-  jax = sys.modules.get("jax")
-  if jax is None or not jax.distributed.is_initialized():
-    return True
-  return jax.process_index() == 0
 
 
 def _acquire(workdir: str, path: str) -> tuple[int, dict[str, Any]]:

@@ -17,6 +17,7 @@ def test_own_data_example_end_to_end(tmp_path):
   c.model.steps = c.model.node_multiplier = 1
   c.prepare.probe_examples = 100
   c.evaluate.baselines = ()
+  c.stages = "prepare,search,evaluate"       # the report: tests/test_default_pipeline.py
   out = pipeline.run(c, os.fspath(tmp_path))
   fs = shards.read_feature_set(tmp_path / "features", "own_data")
   assert [(n.name, n.channels, n.length) for n in fs.nodes] == [
@@ -25,4 +26,3 @@ def test_own_data_example_end_to_end(tmp_path):
   assert [len(fs.splits[s]) for s in ("train", "val", "test")] == [600, 200, 200]
   assert len(out["prepare"]["probes"]) == 6
   assert 0 < out["evaluate"]["final_test"]["mean"] <= 1
-  assert (tmp_path / "report.md").exists()

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,11 +15,9 @@ import pytest
 from bmnas_jax import pipeline
 from bmnas_jax.data.planted import planted_features
 from bmnas_jax.search import run_search
-from tests.conftest import Killed, planted_config
+from tests.conftest import planted_config
 
-
-def _strip_seconds(records):
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _read_jsonl(path):
@@ -37,72 +36,89 @@ def reference(tmp_path_factory):
   return c, workdir, pipeline.run(c, workdir)
 
 
-def _assert_same_run(ref_dir, other_dir):
-  for f in ("search/best_genotype.json", "search/best_genotype_seed_1.json"):
-    assert open(os.path.join(ref_dir, f), "rb").read() == \
-        open(os.path.join(other_dir, f), "rb").read()
-  for f in ("search/metrics.jsonl", "evaluate/metrics.jsonl"):
-    assert _strip_seconds(_read_jsonl(os.path.join(ref_dir, f))) == \
-        _strip_seconds(_read_jsonl(os.path.join(other_dir, f)))
-  a = json.load(open(os.path.join(ref_dir, "evaluate", "metrics.json")))
-  b = json.load(open(os.path.join(other_dir, "evaluate", "metrics.json")))
-  for key in ("final_test", "final_val", "val_selected", "genotype"):
-    assert a[key] == b[key]
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
 
 
-def test_stop_and_resume_gives_identical_results(reference, tmp_path, die_after_checkpoint):
-  c, ref_dir, _ = reference
-  cut_dir = str(tmp_path / "cut")
-  die_after_checkpoint(1)
-  with pytest.raises(Killed):
-    pipeline.run(c, cut_dir)                       # dies after search epoch 1
-  die_after_checkpoint(None)
-  pipeline.run(c, cut_dir)                         # resumes at epoch 2
-  _assert_same_run(ref_dir, cut_dir)
+def start_pair(workdir, out: str, overrides: dict) -> list[subprocess.Popen]:
+  """The two processes of one jax.distributed run (tests/multiprocess_worker.py)."""
+  port = free_port()
+  return [subprocess.Popen(
+      [sys.executable, "-m", "tests.multiprocess_worker", str(p), str(port), str(workdir),
+       f"{out}_{p}.json", json.dumps(overrides)],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in (0, 1)]
 
 
-def test_sigkill_and_resume(reference, tmp_path):
-  """A real SIGKILL mid-search, then the same command again."""
-  _, ref_dir, _ = reference
-  args = ["--config=experiments/configs/planted.py", "--config.devices=1", "--config.seeds=2",
-          "--config.data.sizes=(256,128,128)", "--config.search.batch_size=32",
-          "--config.evaluate.batch_size=32", f"--config.search.epochs={REF_EPOCHS}",
-          "--config.evaluate.epochs=2", "--config.evaluate.baselines=()",
-          "--config.stages=prepare,search,evaluate"]
-  killed = str(tmp_path / "killed")
-  cmd = [sys.executable, "-m", "experiments.main", *args, f"--workdir={killed}"]
-  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = os.path.join(killed, "search", "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(ckpt) and any(d.isdigit() and int(d) >= 1 for d in os.listdir(ckpt)):
+def wait_all(procs, timeout: float) -> list[str]:
+  """Each process's output once all have exited; when one fails (or time runs out) the
+  others are killed (they would wait for it)."""
+  deadline = time.monotonic() + timeout
+  while any(p.poll() is None for p in procs):
+    if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+      for p in procs:
+        p.kill()
+      break
+    time.sleep(0.2)
+  return [p.communicate()[0] for p in procs]
+
+
+def test_two_processes_killed_resume_and_agree_with_one_device(reference, tmp_path):
+  """Two processes under jax.distributed (gloo), two CPU devices each, four in the mesh,
+  the features streamed from the shards. First the seeds are sharded across the
+  processes (each trains its own seed), and both get a real SIGKILL once a search
+  checkpoint is saved; the same run started again with every batch split over the four
+  devices (each process feeds its half) resumes the search from that checkpoint and
+  evaluates. The genotypes and metrics equal the one-device run's; process 1 wrote
+  nothing under the workdir in either start; no process read a whole batch."""
+  c, _, res = reference
+  workdir, out = tmp_path / "run", str(tmp_path / "out")
+  base = {"search.epochs": REF_EPOCHS, "devices": 4, "data.in_memory": False}
+  killed = start_pair(workdir, f"{out}_killed", {**base, "seed_shards": 2})
+  ckpt = workdir / "search" / "checkpoints"
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and all(p.poll() is None for p in killed):
+    if ckpt.is_dir() and any(d.isdigit() and int(d) >= 1 for d in os.listdir(ckpt)):
       break
     time.sleep(0.02)
-  assert proc.poll() is None, "the run finished before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not os.path.exists(os.path.join(killed, "evaluate", "metrics.json"))
-  subprocess.run(cmd, check=True, capture_output=True)
-  _assert_same_run(ref_dir, killed)
+  running = [p.poll() is None for p in killed]
+  for p in killed:
+    p.send_signal(signal.SIGKILL)
+  logs = [p.communicate()[0] for p in killed]
+  assert all(running), f"a process ended before it could be killed: {logs[0][-2000:]}"
+  assert not (workdir / "evaluate").exists()
 
-
-@pytest.mark.parametrize("devices,seed_shards", [(4, 2)])
-def test_devices_agree(reference, tmp_path, devices, seed_shards):
-  c, _, res = reference
-  c = c.copy_and_resolve_references()
-  c.devices, c.seed_shards = devices, seed_shards
+  procs = start_pair(workdir, out, {**base, "seed_shards": 1})
+  for p, log in zip(procs, wait_all(procs, timeout=240)):
+    assert p.returncode == 0, log[-3000:]
   one = res["search"]
-  many = run_search(c, planted_features(c), str(tmp_path))
-  assert [g.to_json() for g in one.best_genotypes] == [g.to_json() for g in many.best_genotypes]
-  for key in ("train_loss", "arch_loss", "val_loss"):
-    np.testing.assert_allclose(one.history[-1][key], many.history[-1][key], rtol=2e-4,
-                               atol=2e-4)
-  # accuracy may differ by an example whose logits are within float noise of a tie
-  np.testing.assert_allclose(one.history[-1]["val_metric"], many.history[-1]["val_metric"],
-                             atol=1.0 / c.data.sizes[1] + 1e-6)
-  np.testing.assert_allclose(np.asarray(one.history[-1]["arch_softmax"][1]["cell_0"]["alpha"]),
-                             np.asarray(many.history[-1]["arch_softmax"][1]["cell_0"]["alpha"]),
-                             atol=1e-5)
+  for k in (0, 1):                   # every process holds the same results
+    with open(f"{out}_{k}.json") as f:
+      got = json.load(f)
+    assert got["genotypes"] == [g.to_json_dict() for g in one.best_genotypes]
+    assert len(got["history"]) == REF_EPOCHS
+    for key in ("train_loss", "arch_loss", "val_loss"):
+      np.testing.assert_allclose(got["history"][-1][key], one.history[-1][key], rtol=2e-4,
+                                 atol=2e-4)
+    # accuracy may differ by an example whose logits are within float noise of a tie
+    np.testing.assert_allclose(got["history"][-1]["val_metric"],
+                               one.history[-1]["val_metric"], atol=1 / c.data.sizes[1] + 1e-6)
+    np.testing.assert_allclose(got["final_test"], res["evaluate"]["final_test"]["values"],
+                               atol=1 / c.data.sizes[2] + 1e-6)
+    blocks = [r for r in got["reads"] if len(r) > 1]   # (the first read is a 2-row sample)
+    assert blocks and all(r[-1] < c.search.batch_size for r in blocks), blocks[:4]
+  writes = {}
+  for start in ("_killed", ""):
+    for k in (0, 1):
+      with open(f"{out}{start}_{k}.json.writes") as f:
+        writes[start, k] = f.read().splitlines()
+  assert writes["_killed", 0] and writes["", 0]        # the watch sees process 0's writes
+  assert writes["_killed", 1] == writes["", 1] == []   # process 0 alone wrote files
+  for f in ("features/prepare.json", "search/best_genotype.json", "evaluate/metrics.json"):
+    assert (workdir / f).exists(), f
+  assert [r["epoch"] for r in _read_jsonl(workdir / "search" / "metrics.jsonl")] == \
+      list(range(REF_EPOCHS))
 
 
 def test_resume_refuses_a_different_config(reference, tmp_path):

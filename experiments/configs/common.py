@@ -41,7 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.stages = "prepare,search,evaluate"
   c.devices = 0                     # devices in the mesh (0: all visible)
   c.seed_shards = 1                 # mesh axis for seeds (must divide the devices)
-  c.distributed = False             # jax.distributed.initialize() (multi-host)
+  c.distributed = False             # jax.distributed.initialize() (multi-host); on clusters
+                                    # JAX detects (TPU, SLURM, ...) nothing else is needed,
+  c.coordinator_address = ""        # else process 0's 'host:port',
+  c.num_processes = 0               # the number of processes
+  c.process_id = -1                 # and this process's index
   c.compile_cache = "default"       # persistent XLA cache folder ('default':
                                     # ~/.cache/bmnas-jax/xla; '': off)
 
