@@ -12,7 +12,7 @@ from bmnas_jax import hosts
 from bmnas_jax.baselines import stage_of
 from bmnas_jax.checkpoint import write_json_atomic
 from bmnas_jax.data.feature_set import FeatureSet
-from bmnas_jax.evaluate import run_evaluate
+from bmnas_jax.evaluate import Job, run_retrainings
 from bmnas_jax.fixed_net import fixed_net_from_config
 
 if TYPE_CHECKING:
@@ -59,18 +59,17 @@ def run_ablations(config, fs: FeatureSet | ShardSource, searched: genotype_lib.G
   Under `reference` fidelity the Table 7 rows retrain the release's whole-Cell
   fusions (`release_fusion_model`); their genotypes record the feature selection.
   """
-  rows = []
-  random_values = []
-  for table, name, g in ablation_genotypes(searched, config.seed,
-                                           config.get("ablate", {}).get("random_trials", 5)):
-    # late fusion shares its folder with the evaluate stage's baseline (reused if done)
-    stage = stage_of("late_fusion") if name == "late_fusion" else os.path.join("ablate", name)
-    res = run_evaluate(config, fs, g, workdir, stage=stage,
-                       model=release_fusion_model(config, fs, table, name, g))
-    rows.append({"table": table, "name": name, "test": res["final_test"],
-                 "genotypes": [g.to_json_dict()]})
-    if name.startswith("random_"):
-      random_values.append(res["final_test"]["mean"])
+  planned = ablation_genotypes(searched, config.seed,
+                              config.get("ablate", {}).get("random_trials", 5))
+  # late fusion shares its folder with the evaluate stage's baseline (reused if done)
+  results = run_retrainings(config, fs, workdir, [
+      Job(g, stage_of("late_fusion") if name == "late_fusion" else os.path.join("ablate", name),
+          release_fusion_model(config, fs, table, name, g),
+          group=os.path.join("ablate", "random") if name.startswith("random_") else "")
+      for table, name, g in planned])
+  rows = [{"table": table, "name": name, "test": res["final_test"],
+           "genotypes": [g.to_json_dict()]} for (table, name, g), res in zip(planned, results)]
+  random_values = [r["test"]["mean"] for r in rows if r["name"].startswith("random_")]
   trials = [r for r in rows if r["name"].startswith("random_")]
   summary_random = {"table": "feature_selection", "name": "random",
                     "test": {"mean": float(np.mean(random_values)),

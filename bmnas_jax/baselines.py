@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax import layers
 from bmnas_jax.errors import ConfigError
-from bmnas_jax.evaluate import run_evaluate
+from bmnas_jax.evaluate import Job, run_retrainings
 from bmnas_jax.reshape import ReshapeInput
 
 if TYPE_CHECKING:
@@ -121,9 +121,8 @@ def run_baselines(config, fs: FeatureSet | ShardSource, workdir: str) -> dict[st
 
   Returns name -> the evaluation result, with the row's `label` and `modality`.
   """
-  out = {}
-  for spec in baseline_specs(config, fs.node_names):
-    res = run_evaluate(config, fs, spec.get("genotype"), workdir, stage=stage_of(spec["name"]),
-                       model=spec.get("model"))
-    out[spec["name"]] = {**res, "label": spec["label"], "modality": spec["modality"]}
-  return out
+  specs = baseline_specs(config, fs.node_names)
+  results = run_retrainings(config, fs, workdir, [
+      Job(spec.get("genotype"), stage_of(spec["name"]), spec.get("model")) for spec in specs])
+  return {spec["name"]: {**res, "label": spec["label"], "modality": spec["modality"]}
+          for spec, res in zip(specs, results)}

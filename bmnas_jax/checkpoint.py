@@ -172,6 +172,22 @@ _DAMAGED_HINT = ("delete that folder to resume from the previous checkpoint, or 
                  "--workdir")
 
 
+def finalized_steps(directory: str | os.PathLike) -> list[int]:
+  """The steps of `directory` whose checkpoint orbax finalized, newest first."""
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return []
+  steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
+  return [s for s in steps if os.path.isfile(os.path.join(directory, str(s), _FINALIZED))]
+
+
+def latest_finalized(directory: str | os.PathLike) -> int | None:
+  """The newest finalized step of a checkpoint folder (None: none), read from the
+  folder names without opening anything."""
+  done = finalized_steps(directory)
+  return done[0] if done else None
+
+
 class Checkpointer:
   """One orbax CheckpointManager per stage folder; step = epoch index.
 
@@ -214,9 +230,9 @@ class Checkpointer:
     would take the newest folder, and skip saving every step below it)."""
     if not os.path.isdir(self.directory):
       return
-    steps = sorted((int(n) for n in os.listdir(self.directory) if n.isdigit()), reverse=True)
-    done = [s for s in steps if os.path.isfile(os.path.join(self.step_dir(s), _FINALIZED))]
-    unfinished = [s for s in steps if s > (done[0] if done else -1)]
+    steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+    done = finalized_steps(self.directory)
+    unfinished = sorted((s for s in steps if s > (done[0] if done else -1)), reverse=True)
     if unfinished:
       logging.warning("%s: checkpoint folder(s) %s incomplete (no %s); removed, resuming "
                       "from %s", self.directory, unfinished, _FINALIZED,

@@ -15,7 +15,7 @@ import optax
 
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax import hosts, loop, optim
-from bmnas_jax.checkpoint import write_json_atomic, write_jsonl_atomic
+from bmnas_jax.checkpoint import latest_finalized, write_json_atomic, write_jsonl_atomic
 from bmnas_jax.data import backbones as bb
 from bmnas_jax.data import datasets
 from bmnas_jax.data.feature_set import Split, nodes_from_config
@@ -221,11 +221,6 @@ class Finetune:
     return state.replace(params=v["params"], batch_stats=v["batch_stats"],
                          w_opt=self.steps.w_tx.init(v["params"]))
 
-  def init_states(self, keys: jax.Array, sample_x) -> TrainState:
-    """`init_state` of every seed (keys uint32 `[S, 2]`) in one compiled program: leaves
-    `[S, ...]`."""
-    return jax.jit(jax.vmap(self.init_state, in_axes=(0, None)))(keys, sample_x)
-
 
 def build_finetune(config, workdir: str, genotype: genotype_lib.Genotype) -> Finetune:
   """The fine-tuned model, optimizer and raw data of `genotype` (see `run_finetune`)."""
@@ -309,7 +304,10 @@ def run_finetune(config, workdir: str, genotype: genotype_lib.Genotype,
   mult = backbone_lr_mult(config)
   with jax.set_mesh(mesh):
     keys = loop.shard_seeds(seed_keys(seeds, 1), mesh)
-    states = ft.init_states(keys, epochs.sample_x)
+  init = loop.SeedInit(lambda k: ft.init_state(k, epochs.sample_x), (keys,), mesh)
+  if latest_finalized(os.path.join(stage_dir, "checkpoints")) != ec.epochs - 1:
+    loop.CompileAhead(loop.stage_programs(init, epochs)).install()
+  with jax.set_mesh(mesh):
 
     def on_epoch(epoch, states, m, seconds, extra):
       return epoch_record(stage, epoch, seconds, seeds, config.metric.name, m)
@@ -327,6 +325,6 @@ def run_finetune(config, workdir: str, genotype: genotype_lib.Genotype,
     fp = {**retraining_fingerprint(config, genotype),
           "backbones": dict(ft.content_ids), "data": ft.data_fingerprint,
           "net": hashlib.sha256(repr(ft.model).encode()).hexdigest()[:16]}
-    _, history, _ = loop.run_epochs(stage_dir, fp, states, epochs, ec.epochs, on_epoch,
+    _, history, _ = loop.run_epochs(stage_dir, fp, init, epochs, ec.epochs, on_epoch,
                                     write_outputs, stage, {}, epochs_key="config.evaluate.epochs")
   return {**result(history), "epoch_traces": epochs.traces}

@@ -6,6 +6,7 @@ from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from bmnas_jax import layers, ops, release_fusion
 from bmnas_jax.data.feature_set import NodeSpec
@@ -41,6 +42,12 @@ class FixedNet(nn.Module):
   original release (its Table 7 ablation); the Cells' inputs, the reshape layers
   and the head stay as the genotype says. Empty: the genotype's Cells.
 
+  `dynamic_inputs`: every feature is reshaped, and the Cells read their inputs from
+  the `arch` collection's `inputs` (int32 `[num_cells, 2]`, the genotype's at init):
+  networks that differ only in their Cells' inputs are one program (trained together
+  under vmap, `evaluate.Job.group`). The same values as the static network: unused
+  reshape layers are extra parameters the output does not depend on.
+
   Args (call): features: node name -> `[N, C_in, L_in]`. Returns logits `[N, K]`.
   """
   nodes: tuple[NodeSpec, ...]
@@ -51,6 +58,7 @@ class FixedNet(nn.Module):
   fidelity: str = "paper"
   dropout: float = 0.0
   fusion_cells: str = ""
+  dynamic_inputs: bool = False
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array], train: bool = False) -> jax.Array:
@@ -59,16 +67,25 @@ class FixedNet(nn.Module):
       raise ConfigError(f"fusion_cells={self.fusion_cells!r} builds the original release's "
                         f"whole-Cell fusions: it needs fidelity 'reference', not "
                         f"{self.fidelity!r}")
-    used = set(g.used_nodes())
+    used = set(n.name for n in self.nodes) if self.dynamic_inputs else set(g.used_nodes())
     states = [ReshapeInput(self.C, self.L, self.dropout, self.fidelity,
                            name=f"reshape_{n.name}")(features[n.name], train)
               if n.name in used else None for n in self.nodes]
+    if self.dynamic_inputs:
+      chosen = self.variable("arch", "inputs", lambda: jnp.asarray(
+          [c.inputs for c in g.cells], jnp.int32)).value
+
+      def cell_input(k, j):
+        return jnp.take(jnp.stack(states), chosen[k, j], axis=0)
+    else:
+      def cell_input(k, j):
+        return states[g.cells[k].inputs[j]]
     for k, gene in enumerate(g.cells):
       if self.fusion_cells:
         cell = release_fusion.make_fusion(self.fusion_cells, self.dropout, name=f"cell_{k}")
       else:
         cell = FixedCell(gene, self.fidelity, self.dropout, name=f"cell_{k}")
-      states.append(cell(states[gene.inputs[0]], states[gene.inputs[1]], train))
+      states.append(cell(cell_input(k, 0), cell_input(k, 1), train))
     return layers.FusionHead(self.num_classes, name="head")([states[u] for u in g.concat])
 
 
@@ -81,7 +98,8 @@ def check_genotype_nodes(genotype: Genotype, nodes: Sequence[NodeSpec]) -> None:
 
 
 def fixed_net_from_config(config, nodes: Sequence[NodeSpec], genotype: Genotype,
-                          dropout: float | None = None, fusion_cells: str = "") -> FixedNet:
+                          dropout: float | None = None, fusion_cells: str = "",
+                          dynamic_inputs: bool = False) -> FixedNet:
   """Builds the fixed network for `genotype` with `config.model` shapes.
 
   `fusion_cells`: a release whole-Cell fusion replacing every Cell (see `FixedNet`);
@@ -99,4 +117,4 @@ def fixed_net_from_config(config, nodes: Sequence[NodeSpec], genotype: Genotype,
                         f"{config.fidelity!r}")
   m = config.model
   return FixedNet(tuple(nodes), genotype, m.C, m.L, m.num_classes, config.fidelity,
-                  m.dropout if dropout is None else dropout, fusion_cells)
+                  m.dropout if dropout is None else dropout, fusion_cells, dynamic_inputs)

@@ -403,15 +403,21 @@ class InMemoryEpochs:
     traces: times the epoch program was traced (1: no recompiles).
   """
 
-  def __init__(self, spec: EpochSpec, steps: Steps, fs: FeatureSet, mesh: Mesh):
+  def __init__(self, spec: EpochSpec, steps: Steps, fs: FeatureSet, mesh: Mesh,
+               placed: dict | None = None):
     self.spec, self.steps, self.mesh, self.traces = spec, steps, mesh, 0
     used = [s for ph in spec.phases for s in ph.sources.values()] + [spec.eval_splits]
-    self.data = {split_key(s): device_split(concat_splits(fs, s), mesh) for s in used}
+    placed = {} if placed is None else placed       # trainers of one data and mesh share it
+    for s in used:
+      if split_key(s) not in placed:
+        placed[split_key(s)] = device_split(concat_splits(fs, s), mesh)
+    self.data = {split_key(s): placed[split_key(s)] for s in used}
     first = split_key(next(iter(spec.phases[0].sources.values())))
     self.sample_x = jax.tree.map(lambda a: a[:2], self.data[first]["x"])
     self.eval_plan = eval_batches(tuple(len(fs.splits[s]) for s in spec.eval_splits),
                                   spec.eval_batch)
-    self._fn = jax.jit(jax.vmap(self._epoch, in_axes=(0, None, None), spmd_axis_name=SEED))
+    self._jit = self._fn = jax.jit(jax.vmap(self._epoch, in_axes=(0, None, None),
+                                            spmd_axis_name=SEED))
 
   def _epoch(self, state: TrainState, data, epoch):
     self.traces += 1
@@ -430,6 +436,14 @@ class InMemoryEpochs:
     zero = eval_zero(self.steps, state, jax.eval_shape(fetch_eval, 0), len(spec.eval_splits))
     sums = fold_eval(self.steps, state, zero, fetch_eval, rows.shape[0])
     return state, finish_epoch(spec, self.steps, acc, sums)
+
+  def programs(self, like: TrainState) -> list[Program]:
+    """The epoch program, to compile ahead of time for states laid out as `like`."""
+    def install(compiled):
+      self._fn = compiled
+    return [Program(lambda: self._jit.lower(like, self.data,
+                                            jax.ShapeDtypeStruct((), jnp.int32)),
+                    install, self.mesh)]
 
   def __call__(self, states: TrainState, epoch) -> tuple[TrainState, dict[str, Any]]:
     return self._fn(states, self.data, epoch)
@@ -650,11 +664,13 @@ class StreamedEpochs:
     return states, self._finish(acc, sums)
 
 
-def make_epochs(spec: EpochSpec, steps: Steps, data, mesh: Mesh,
-                stream_block: int) -> InMemoryEpochs | StreamedEpochs:
-  """The epoch runner of `data`: in memory for a FeatureSet, streamed for a ShardSource."""
+def make_epochs(spec: EpochSpec, steps: Steps, data, mesh: Mesh, stream_block: int,
+                placed: dict | None = None) -> InMemoryEpochs | StreamedEpochs:
+  """The epoch runner of `data`: in memory for a FeatureSet (its splits placed on the
+  devices once per `placed` dict, shared by the trainers given the same one), streamed
+  for a ShardSource."""
   if isinstance(data, FeatureSet):
-    return InMemoryEpochs(spec, steps, data, mesh)
+    return InMemoryEpochs(spec, steps, data, mesh, placed)
   return StreamedEpochs(spec, steps, data, mesh, stream_block)
 
 
@@ -669,9 +685,89 @@ def describe_bad(phase: str, epoch: int, seeds: list[int], bad_step: np.ndarray,
           f"non-finite {NONFINITE.get(int(code), 'value')}")
 
 
+# ------------------------------------------------------- compiling ahead
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A program to compile ahead of time: `lower()` traces it (Python), `install(compiled)`
+  hands the executable to its owner, which then calls it instead of tracing again."""
+  lower: Callable[[], Any]
+  install: Callable[[Any], None]
+  mesh: Mesh
+
+
+class CompileAhead:
+  """Compiles `programs` on a pool of threads while the caller goes on: each is traced
+  and compiled on a thread (XLA compiles outside the Python lock), in order, so the
+  programs of a stage (the seeds' init and the epoch) or of several (the ablation's
+  rows) compile side by side on the cores, and a later row compiles while an earlier
+  one trains. `install(programs)` waits for those and hands them to their owners."""
+
+  def __init__(self, programs: list[Program], threads: int | None = None):
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        threads or min(8, os.cpu_count() or 1), thread_name_prefix="bmnas-compile")
+    self._futures = [(p, self._pool.submit(self._compile, p)) for p in programs]
+    self._pool.shutdown(wait=False)           # the queued programs still compile
+
+  @staticmethod
+  def _compile(p: Program):
+    with jax.set_mesh(p.mesh):
+      return p.lower().compile()
+
+  def install(self, programs: list[Program] | None = None) -> None:
+    """Waits for `programs` (all when None) and installs them (a compile error is raised)."""
+    want = None if programs is None else {id(p) for p in programs}
+    for p, future in self._futures:
+      if want is None or id(p) in want:
+        p.install(future.result())
+
+  def cancel(self) -> None:
+    """Drops the programs not yet started (after an error)."""
+    for _, future in self._futures:
+      future.cancel()
+
+
+class SeedInit:
+  """The seeds' fresh states, `init_one(*per_seed)` of every seed (`args`: arrays with a
+  leading seed axis `[S, ...]`, e.g. the keys uint32 `[S, 2]`, sharded along `seed`) as
+  one program, its outputs sharded along `seed`.
+
+  `abstract()` gives their shapes and layout without compiling anything (what a
+  checkpoint is restored into); calling it computes them (compiled on first use, unless
+  `programs()` was compiled ahead)."""
+
+  def __init__(self, init_one: Callable, args: tuple, mesh: Mesh):
+    """`init_one(key, ...) -> state` of one seed (e.g. `steps.init_state(key, sample_x)`)."""
+    self.args, self.mesh = tuple(args), mesh
+    self._sharding = NamedSharding(mesh, P(SEED))
+    self._jit = self._fn = jax.jit(jax.vmap(init_one), out_shardings=self._sharding)
+
+  def abstract(self) -> TrainState:
+    shapes = jax.eval_shape(self._jit, *self.args)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                       sharding=self._sharding), shapes)
+
+  def programs(self) -> list[Program]:
+    def install(compiled):
+      self._fn = compiled
+    return [Program(lambda: self._jit.lower(*self.args), install, self.mesh)]
+
+  def __call__(self) -> TrainState:
+    return self._fn(*self.args)
+
+
+def stage_programs(init: SeedInit, epochs) -> list[Program]:
+  """The programs of a trainer's stage to compile ahead: the init, and the epoch
+  program in memory (a streamed epoch's block programs compile on first use)."""
+  progs = init.programs()
+  if isinstance(epochs, InMemoryEpochs):
+    progs += epochs.programs(init.abstract())
+  return progs
+
+
 # ------------------------------------------------------- checkpointed loop
 
-def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: Callable,
+def run_epochs(stage_dir: str, fingerprint: dict, init: SeedInit, epoch_fn: Callable,
                num_epochs: int, on_epoch: Callable, write_outputs: Callable,
                desc: str, extra0: dict, epochs_key: str = "the epoch count"
                ) -> tuple[TrainState, list[dict], dict]:
@@ -680,8 +776,8 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
   Args:
     stage_dir: folder of the stage (checkpoints go to `stage_dir/checkpoints`).
     fingerprint: the config parts that must match to resume.
-    states: freshly initialised (seed-batched) states; replaced by the checkpoint
-      when one exists.
+    init: the seeds' fresh states (computed only when there is no checkpoint; else the
+      checkpoint is restored into `init.abstract()`).
     epoch_fn: `(states, epoch) -> (states, device metrics)` (`make_epochs`): one
       compiled call in memory, a compiled call per block when streamed.
     on_epoch: `(epoch, states, host metrics, seconds, extra) -> record` (may update extra).
@@ -699,7 +795,7 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
       an unfinished newer folder is removed with a warning instead, see `Checkpointer`).
   """
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"))
-  history, extra, start = [], dict(extra0), 0
+  history, extra, start, states = [], dict(extra0), 0, None
 
   def write(history, extra):
     if hosts.is_primary():               # one writer; every process computes the same
@@ -719,7 +815,7 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
                          if fingerprint.get(k) != meta["fingerprint"].get(k))
         raise ConfigError(f"{stage_dir} holds a checkpoint of a different config (keys "
                           f"{changed} differ); use a new --workdir or the same config")
-      states = ckpt.restore_state(latest, states)
+      states = ckpt.restore_state(latest, init.abstract())
       history, extra, start = meta["history"], meta["extra"], latest + 1
       write(history, extra)
       if start < num_epochs:
@@ -729,6 +825,8 @@ def run_epochs(stage_dir: str, fingerprint: dict, states: TrainState, epoch_fn: 
                         epochs_key)
       else:
         logging.info("%s all %d epochs are in the checkpoint; reusing them", where, start)
+    else:
+      states = init()
     bar = tqdm(range(start, num_epochs), desc=desc, initial=start, total=num_epochs,
                leave=False, disable=None)
     saved = False

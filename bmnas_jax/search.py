@@ -14,7 +14,7 @@ import numpy as np
 
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax import hosts, loop, optim
-from bmnas_jax.checkpoint import write_json_atomic, write_jsonl_atomic
+from bmnas_jax.checkpoint import latest_finalized, write_json_atomic, write_jsonl_atomic
 from bmnas_jax.data.feature_set import FeatureSet, nodes_from_config
 from bmnas_jax.search_space import hypernet_from_config
 from bmnas_jax.steps import Steps
@@ -192,8 +192,11 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str,
 
   with jax.set_mesh(mesh):
     keys = loop.shard_seeds(seed_keys(seeds, 0), mesh)
-    states = jax.jit(jax.vmap(lambda k: steps.init_state(k, epochs.sample_x)))(keys)
-    stage_dir = os.path.join(workdir, stage)
+  init = loop.SeedInit(lambda k: steps.init_state(k, epochs.sample_x), (keys,), mesh)
+  stage_dir = os.path.join(workdir, stage)
+  if latest_finalized(os.path.join(stage_dir, "checkpoints")) != sc.epochs - 1:
+    loop.CompileAhead(loop.stage_programs(init, epochs)).install()    # the init beside the epoch
+  with jax.set_mesh(mesh):
     multi = len(seeds) > 1
 
     def on_epoch(epoch, states, m, seconds, extra):
@@ -261,7 +264,7 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str,
               "best_val_metric": [-np.inf] * len(seeds), "best_epoch": [-1] * len(seeds),
               "best_genotype": [None] * len(seeds)}
     states, history, extra = loop.run_epochs(
-        stage_dir, fingerprint(config), states, epochs, sc.epochs, on_epoch, write_outputs,
+        stage_dir, fingerprint(config), init, epochs, sc.epochs, on_epoch, write_outputs,
         "search", extra0, epochs_key="config.search.epochs")
   best = [genotype_lib.from_json_dict(g) for g in extra["best_genotype"]]
   chosen = chosen_seed_index(select, extra)

@@ -185,9 +185,9 @@ def die_after_checkpoint(monkeypatch):
 
 # The slowest modules first (each runs whole on one xdist worker: --dist loadscope), so
 # that the two workers finish together.
-_SLOW_FIRST = ("test_trainers", "test_default_pipeline", "test_prepare", "test_reuse",
-               "test_streaming", "test_planted", "test_ntu", "test_own_data", "test_mmimdb",
-               "test_ego", "test_steps", "test_bad_workdir", "test_finetune")
+_SLOW_FIRST = ("test_trainers", "test_default_pipeline", "test_planted", "test_prepare",
+               "test_own_data", "test_mmimdb", "test_streaming", "test_reuse",
+               "test_bad_workdir", "test_ntu", "test_ego", "test_steps", "test_finetune")
 
 
 def pytest_collection_modifyitems(items):

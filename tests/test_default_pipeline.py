@@ -17,7 +17,7 @@ def tiny_run(tmp_path_factory):
   c.devices, c.seeds = 1, 2
   for b in (c.backbones.Image, c.backbones.Shape):
     b.epochs = 1
-  c.search.epochs, c.evaluate.epochs, c.ablate.random_trials = 1, 1, 1
+  c.search.epochs, c.evaluate.epochs, c.ablate.random_trials = 1, 1, 2
   # Table 6's late fusion (the ablation reuses it); the planted test trains the MLP kinds.
   c.evaluate.baselines = ("late_fusion",)
   # One Cell of one step: every stage and table, at a fraction of the compile time.
@@ -63,6 +63,13 @@ def test_late_fusion_and_ablation_rows(tiny_run):
   assert [n for t, n in names if t == "fusion"] == ["Sum", "ConcatFC", "MHA", "AoA", "searched"]
   for r in abl["rows"]:
     assert 0.0 <= r["test"]["mean"] <= 1.0
+  # the random selections trained together (one program, checkpoints in ablate/random/),
+  # each with its own files, as if alone
+  assert [n for _, n in names if n.startswith("random_")] == ["random_1", "random_2"]
+  assert (tmp_path / "ablate" / "random" / "checkpoints").is_dir()
+  for k in (1, 2):
+    row = json.loads((tmp_path / "ablate" / f"random_{k}" / "metrics.json").read_text())
+    assert row["seeds"] == [0, 1] and row["genotype"] == abl["rows"][0]["genotypes"][k - 1]
   mha = [r for r in abl["rows"] if r["name"] == "MHA"][0]["genotypes"][0]
   assert [s["op"] for s in mha["cells"][0]["steps"]] == ["ScaleDotAttn", "ScaleDotAttn"]
   searched = [r for r in abl["rows"] if r["name"] == "searched"][0]

@@ -69,7 +69,8 @@ def frozen_run(prepared):
   mesh = loop.mesh_from_config(c)
   with jax.set_mesh(mesh):        # as run_finetune makes them (the same compiled program)
     sample = loop.replicate(jax.tree.map(lambda a: a[:2], ft.data.splits["train"].features), mesh)
-    init = ft.init_states(loop.shard_seeds(seed_keys(out["seeds"], 1), mesh), sample)
+    keys = loop.shard_seeds(seed_keys(out["seeds"], 1), mesh)
+  init = loop.SeedInit(lambda k: ft.init_state(k, sample), (keys,), mesh)()
   ckpt = Checkpointer(os.path.join(wd, "ft_frozen", "checkpoints"))
   try:
     final = ckpt.restore_state(ckpt.latest(), init)

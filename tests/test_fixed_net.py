@@ -49,3 +49,30 @@ def test_genotype_must_match_the_nodes():
   g = G.Genotype(("A_1", "B_1"), (G.fusion_cell("Sum", (0, 1)),), (2,))
   with pytest.raises(G.GenotypeError, match=r"nodes: genotype has \['A_1', 'B_1'\]"):
     fixed_net_from_config(c, nodes, g)
+
+
+def test_dynamic_inputs_compute_the_static_networks():
+  """Networks that differ only in their Cells' inputs as one program: with the inputs in
+  the `arch` collection, each equals its static network on the parameters they share,
+  and the same compiled forward serves both selections."""
+  c = tiny_config()
+  nodes = nodes_from_config(c.data)
+  g = fig2_genotype()
+  other = G.random_selection(g, np.random.default_rng(3))
+  assert other.cells[0].inputs != g.cells[0].inputs
+  dynamic = fixed_net_from_config(c, nodes, g, dynamic_inputs=True)
+  v = jit_init(dynamic, random_features(nodes))
+  assert {f"reshape_{n}" for n in NODES} <= set(v["params"])        # every feature reshaped
+  np.testing.assert_array_equal(v["arch"]["inputs"], [c_.inputs for c_ in g.cells])
+  feats = random_features(nodes, seed=1)
+  forward = jax.jit(chex.assert_max_traces(n=1)(
+      lambda variables, x: dynamic.apply(variables, x, False)))
+  for genotype in (g, other):
+    static = fixed_net_from_config(c, nodes, genotype)
+    own = jit_init(static, feats)
+    shared = {col: {k: p for k, p in v[col].items() if k in own[col]}
+              for col in ("params", "batch_stats")}
+    want = static.apply(shared, feats, False)
+    inputs = np.asarray([c_.inputs for c_ in genotype.cells], np.int32)
+    got = forward({**v, "arch": {"inputs": inputs}}, feats)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

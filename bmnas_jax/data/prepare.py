@@ -39,7 +39,7 @@ from absl import logging
 from bmnas_jax import metrics
 from bmnas_jax.checkpoint import read_json, write_json_atomic
 from bmnas_jax.data import backbones as bb
-from bmnas_jax.data import datasets, extract, probe, shards
+from bmnas_jax.data import datasets, extract, shards
 from bmnas_jax.data.feature_set import (HELD_OUT, FeatureSet, NodeSpec, nodes_from_config,
                                         split_order)
 from bmnas_jax.data.pooling import POOL_MODES, check_tap
@@ -651,6 +651,7 @@ def _probes(mods, staging, sizes, kept, chunk, labels, unimodal, ds, config,
   """A linear probe per node on a seeded sample of train, scored on val."""
   if max_examples <= 0:
     return []
+  from bmnas_jax.data import probe        # scikit-learn: only when probing
   rng = np.random.default_rng(0)
   rows = {s: np.sort(rng.choice(kept[s], min(kept[s], max_examples), replace=False))
           for s in ("train", "val")}
