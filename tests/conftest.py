@@ -153,12 +153,20 @@ SMALL_RUN_EPOCHS = 4
 @pytest.fixture(scope="session")
 def finished_small_run(tmp_path_factory):
   """A finished `small_planted_config` run (prepare, a 4-epoch search, a 2-epoch
-  evaluation) for the modules that copy, resume or damage one; one per xdist worker, and
-  their compiled programs are shared through the cache."""
+  evaluation) for the modules that copy, resume or damage one (never changed in place):
+  built once per session, by the first xdist worker that asks (the others wait for it)."""
+  import fcntl
   from bmnas_jax import pipeline
-  workdir = str(tmp_path_factory.mktemp("finished_small") / "run")
-  pipeline.run(small_planted_config(**{"search.epochs": SMALL_RUN_EPOCHS}), workdir)
-  return workdir
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent                    # the folder the workers' temp folders share
+  workdir, done = root / "finished_small_run", root / "finished_small_run.done"
+  with open(root / "finished_small_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      pipeline.run(small_planted_config(**{"search.epochs": SMALL_RUN_EPOCHS}), str(workdir))
+      done.touch()
+  return str(workdir)
 
 
 class Killed(Exception):

@@ -18,6 +18,7 @@ def tiny_run(tmp_path_factory):
   for b in (c.backbones.Image, c.backbones.Shape):
     b.epochs = 1
   c.search.epochs, c.evaluate.epochs, c.ablate.random_trials = 1, 1, 2
+  c.prepare.probe_examples = 200      # the probes' table, on a sample
   # Table 6's late fusion (the ablation reuses it); the planted test trains the MLP kinds.
   c.evaluate.baselines = ("late_fusion",)
   # One Cell of one step: every stage and table, at a fraction of the compile time.
@@ -35,6 +36,7 @@ def test_default_pipeline_tiny(tiny_run):
                 "Table 7 form"):
     assert title in report
   assert "_No " not in report                                       # every section filled
+  assert "| Image_1 | conv1 | grid | 16 x 4 |" in report             # the linear probes
   for name in ("results", "params", "search_cost", "feature_selection", "fusion"):
     with open(tmp_path / "report" / f"{name}.csv") as f:
       assert len(list(csv.reader(f))) >= 2
