@@ -72,7 +72,7 @@ def test_dynamic_inputs_compute_the_static_networks():
     own = jit_init(static, feats)
     shared = {col: {k: p for k, p in v[col].items() if k in own[col]}
               for col in ("params", "batch_stats")}
-    want = static.apply(shared, feats, False)
+    want = jax.jit(lambda variables, x: static.apply(variables, x, False))(shared, feats)
     inputs = np.asarray([c_.inputs for c_ in genotype.cells], np.int32)
     got = forward({**v, "arch": {"inputs": inputs}}, feats)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
