@@ -129,6 +129,31 @@ def test_evaluate_streamed_equals_in_memory(runs):
   assert _files(os.path.join(str_dir, "evaluate")) == _files(os.path.join(mem_dir, "evaluate"))
 
 
+def test_search_stop_and_resume_gives_identical_results(runs, data, tmp_path,
+                                                       die_after_checkpoint):
+  """In memory: a search that dies right after its epoch-1 checkpoint, run again, ends
+  with the uninterrupted run's files (every epoch's metrics and genotypes)."""
+  ref_dir, ref = runs("search", "epoch", False)
+  fs, _ = data
+  cut_dir = str(tmp_path / "cut")
+  die_after_checkpoint(1)
+  with pytest.raises(Killed):
+    run_search(_config(), fs, cut_dir)
+  die_after_checkpoint(None)
+  resumed = run_search(_config(), fs, cut_dir)
+  assert [g.to_json() for g in resumed.best_genotypes] == \
+      [g.to_json() for g in ref.best_genotypes]
+  assert _strip_seconds(_read_jsonl(os.path.join(cut_dir, "search", "metrics.jsonl"))) == \
+      _strip_seconds(_read_jsonl(os.path.join(ref_dir, "search", "metrics.jsonl")))
+  assert _files(os.path.join(cut_dir, "search")) == _files(os.path.join(ref_dir, "search"))
+  for f in ("arch_history.json", "best_genotype.json", "summary.json"):
+    a = json.load(open(os.path.join(ref_dir, "search", f)))
+    b = json.load(open(os.path.join(cut_dir, "search", f)))
+    if f == "summary.json":
+      a.pop("seconds"), b.pop("seconds")
+    assert a == b, f
+
+
 def test_streamed_stop_and_resume_gives_identical_results(runs, data, tmp_path,
                                                           die_after_checkpoint):
   ref_dir, ref = runs("evaluate", "epoch", True)
