@@ -14,7 +14,7 @@ import numpy as np
 
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax import loop, optim
-from bmnas_jax.checkpoint import latest_finalized, write_json_atomic, write_jsonl_atomic
+from bmnas_jax.checkpoint import write_json_atomic, write_jsonl_atomic
 from bmnas_jax.data.feature_set import FeatureSet
 from bmnas_jax.fixed_net import fixed_net_from_config
 from bmnas_jax.search import check_data_against_config, seed_keys, seed_list
@@ -84,7 +84,7 @@ def run_retrainings(config, fs: FeatureSet | ShardSource, workdir: str,
   placed = {}
   trainers = [Retraining(config, fs, [jobs[i] for i in members], workdir, placed)
               for members in groups.values()]
-  programs = [t.programs() if not t.finished() else [] for t in trainers]
+  programs = [t.programs() for t in trainers]
   ahead = loop.CompileAhead([p for progs in programs for p in progs])
   out: list[dict | None] = [None] * len(jobs)
   try:
@@ -157,12 +157,8 @@ class Retraining:
       self.fingerprint = {**retraining_fingerprint(config, genotypes[0]),
                           "model_id": model_id(model)}
 
-  def finished(self) -> bool:
-    """Whether the checkpoint already holds every epoch (nothing to compile)."""
-    return latest_finalized(os.path.join(self.ckpt_dir, "checkpoints")) == self.ec.epochs - 1
-
   def programs(self) -> list[loop.Program]:
-    return loop.stage_programs(self.init, self.epochs)
+    return loop.stage_programs(self.init, self.epochs, self.ckpt_dir, self.ec.epochs)
 
   def run(self) -> list[dict]:
     """Trains (or resumes) and returns each member's result."""

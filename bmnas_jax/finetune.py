@@ -15,7 +15,7 @@ import optax
 
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax import hosts, loop, optim
-from bmnas_jax.checkpoint import latest_finalized, write_json_atomic, write_jsonl_atomic
+from bmnas_jax.checkpoint import write_json_atomic, write_jsonl_atomic
 from bmnas_jax.data import backbones as bb
 from bmnas_jax.data import datasets
 from bmnas_jax.data.feature_set import Split, nodes_from_config
@@ -305,8 +305,7 @@ def run_finetune(config, workdir: str, genotype: genotype_lib.Genotype,
   with jax.set_mesh(mesh):
     keys = loop.shard_seeds(seed_keys(seeds, 1), mesh)
   init = loop.SeedInit(lambda k: ft.init_state(k, epochs.sample_x), (keys,), mesh)
-  if latest_finalized(os.path.join(stage_dir, "checkpoints")) != ec.epochs - 1:
-    loop.CompileAhead(loop.stage_programs(init, epochs)).install()
+  loop.CompileAhead(loop.stage_programs(init, epochs, stage_dir, ec.epochs)).install()
   with jax.set_mesh(mesh):
 
     def on_epoch(epoch, states, m, seconds, extra):

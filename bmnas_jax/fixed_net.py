@@ -74,18 +74,17 @@ class FixedNet(nn.Module):
     if self.dynamic_inputs:
       chosen = self.variable("arch", "inputs", lambda: jnp.asarray(
           [c.inputs for c in g.cells], jnp.int32)).value
-
-      def cell_input(k, j):
-        return jnp.take(jnp.stack(states), chosen[k, j], axis=0)
-    else:
-      def cell_input(k, j):
-        return states[g.cells[k].inputs[j]]
     for k, gene in enumerate(g.cells):
+      if self.dynamic_inputs:
+        candidates = jnp.stack(states)
+        x, y = (jnp.take(candidates, chosen[k, j], axis=0) for j in (0, 1))
+      else:
+        x, y = states[gene.inputs[0]], states[gene.inputs[1]]
       if self.fusion_cells:
         cell = release_fusion.make_fusion(self.fusion_cells, self.dropout, name=f"cell_{k}")
       else:
         cell = FixedCell(gene, self.fidelity, self.dropout, name=f"cell_{k}")
-      states.append(cell(cell_input(k, 0), cell_input(k, 1), train))
+      states.append(cell(x, y, train))
     return layers.FusionHead(self.num_classes, name="head")([states[u] for u in g.concat])
 
 

@@ -79,10 +79,14 @@ def share_arrays(tree, like):
   return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
 
 
-def to_devices(host_tree, like):
-  """Host arrays laid out as the (global) arrays of `like`: each process places only
-  the parts its own devices hold."""
+def place(host: np.ndarray, sharding):
+  """A host array as a (global) array laid out by `sharding`: each process places only
+  the parts its own devices hold (every process passes the same array)."""
   import jax
-  return jax.tree.map(
-      lambda h, a: jax.make_array_from_callback(a.shape, a.sharding, lambda idx, h=h: h[idx]),
-      host_tree, like)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def to_devices(host_tree, like):
+  """Host arrays laid out as the (global) arrays of `like` (`place` of every leaf)."""
+  import jax
+  return jax.tree.map(lambda h, a: place(h, a.sharding), host_tree, like)

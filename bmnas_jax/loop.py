@@ -27,7 +27,7 @@ from absl import logging
 from tqdm import tqdm
 
 from bmnas_jax import hosts
-from bmnas_jax.checkpoint import Checkpointer
+from bmnas_jax.checkpoint import Checkpointer, latest_finalized
 from bmnas_jax.data.feature_set import FeatureSet, Split
 from bmnas_jax.steps import NONFINITE, Steps, TrainState
 from bmnas_jax.errors import ConfigError, DataError
@@ -495,12 +495,6 @@ def pad_axis(tree, size: int, axis: int):
   return jax.tree.map(pad, tree)
 
 
-def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A host array as a (global) array laid out by `sharding`; each process places only
-  its own devices' parts (every process passes the same array)."""
-  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-
 def place_rows(read: Callable, rows: np.ndarray, sharding: NamedSharding):
   """The records of int `rows` (`read(rows)` -> leaves `[*rows.shape, ...]`) as arrays
   laid out by `sharding` over their leading `rows.ndim` axes: each process reads only
@@ -630,8 +624,8 @@ class StreamedEpochs:
       r, masks, sids = (pad_axis(a[first:first + k], k, 0) for a in self.eval_plan)
       sharding = NamedSharding(self.mesh, P(None, DATA))
       return {**place_rows(self.readers[split_key(self.spec.eval_splits)], r, sharding),
-              "mask": place(masks, sharding),
-              "sid": place(sids, NamedSharding(self.mesh, P()))}
+              "mask": hosts.place(masks, sharding),
+              "sid": hosts.place(sids, NamedSharding(self.mesh, P()))}
     ph, k = self.spec.phases[p], self.blocks[p]
     sharding = NamedSharding(self.mesh, P(SEED, None, DATA))
     return {src: place_rows(self.readers[split_key(s)],
@@ -756,9 +750,17 @@ class SeedInit:
     return self._fn(*self.args)
 
 
-def stage_programs(init: SeedInit, epochs) -> list[Program]:
+def checkpoints_of(stage_dir: str) -> str:
+  """The checkpoint folder of a stage."""
+  return os.path.join(stage_dir, "checkpoints")
+
+
+def stage_programs(init: SeedInit, epochs, stage_dir: str, num_epochs: int) -> list[Program]:
   """The programs of a trainer's stage to compile ahead: the init, and the epoch
-  program in memory (a streamed epoch's block programs compile on first use)."""
+  program in memory (a streamed epoch's block programs compile on first use); none
+  when the stage's checkpoint already holds all `num_epochs` (it is only restored)."""
+  if latest_finalized(checkpoints_of(stage_dir)) == num_epochs - 1:
+    return []
   progs = init.programs()
   if isinstance(epochs, InMemoryEpochs):
     progs += epochs.programs(init.abstract())
@@ -794,7 +796,7 @@ def run_epochs(stage_dir: str, fingerprint: dict, init: SeedInit, epoch_fn: Call
     DataError: the newest finalized checkpoint is damaged (the message names its folder;
       an unfinished newer folder is removed with a warning instead, see `Checkpointer`).
   """
-  ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"))
+  ckpt = Checkpointer(checkpoints_of(stage_dir))
   history, extra, start, states = [], dict(extra0), 0, None
 
   def write(history, extra):

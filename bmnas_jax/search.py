@@ -14,7 +14,7 @@ import numpy as np
 
 from bmnas_jax import genotype as genotype_lib
 from bmnas_jax import hosts, loop, optim
-from bmnas_jax.checkpoint import latest_finalized, write_json_atomic, write_jsonl_atomic
+from bmnas_jax.checkpoint import write_json_atomic, write_jsonl_atomic
 from bmnas_jax.data.feature_set import FeatureSet, nodes_from_config
 from bmnas_jax.search_space import hypernet_from_config
 from bmnas_jax.steps import Steps
@@ -194,8 +194,7 @@ def run_search(config, fs: FeatureSet | ShardSource, workdir: str,
     keys = loop.shard_seeds(seed_keys(seeds, 0), mesh)
   init = loop.SeedInit(lambda k: steps.init_state(k, epochs.sample_x), (keys,), mesh)
   stage_dir = os.path.join(workdir, stage)
-  if latest_finalized(os.path.join(stage_dir, "checkpoints")) != sc.epochs - 1:
-    loop.CompileAhead(loop.stage_programs(init, epochs)).install()    # the init beside the epoch
+  loop.CompileAhead(loop.stage_programs(init, epochs, stage_dir, sc.epochs)).install()
   with jax.set_mesh(mesh):
     multi = len(seeds) > 1
 

@@ -114,18 +114,15 @@ def write_optional(wd):
   write_json(os.path.join(wd, "evaluate_finetune", "metrics.json"), {
       "stage": "evaluate_finetune", "metric": "accuracy", "seeds": SEEDS, "epochs": 3,
       "backbone_lr_mult": 0.1, "final_test": summary(0.6200, 0.0100)})
-  write_json(os.path.join(wd, "baselines", "concat_mlp", "metrics.json"), {
-      "stage": "baselines/concat_mlp", "metric": "accuracy", "seeds": SEEDS, "epochs": 3,
-      "train_splits": ["train", "val"], "genotype": None,
-      "final_test": summary(0.6000, 0.0050), "final_val": summary(0.64, 0.01),
-      "val_selected": {"epoch": [1, 2], "val_held_out": False,
-                       "test": summary(0.6000, 0.0050)}, "seconds": 20.0})
-  write_json(os.path.join(wd, "baselines", "late_fusion", "metrics.json"), {
-      "stage": "baselines/late_fusion", "metric": "accuracy", "seeds": SEEDS, "epochs": 3,
-      "train_splits": ["train", "val"], "genotype": late,
-      "final_test": summary(0.6150, 0.0021), "final_val": summary(0.66, 0.01),
-      "val_selected": {"epoch": [2, 2], "val_held_out": False,
-                       "test": summary(0.6150, 0.0021)}, "seconds": 300.0})
+  for name, genotype, test, val, sel, seconds in (
+      ("concat_mlp", None, summary(0.6000, 0.0050), 0.64, [1, 2], 20.0),
+      ("late_fusion", late, summary(0.6150, 0.0021), 0.66, [2, 2], 300.0)):
+    write_json(os.path.join(wd, "baselines", name, "metrics.json"), {
+        "stage": f"baselines/{name}", "metric": "accuracy", "seeds": SEEDS, "epochs": 3,
+        "train_splits": ["train", "val"], "genotype": genotype, "final_test": test,
+        "final_val": summary(val, 0.01),
+        "val_selected": {"epoch": sel, "val_held_out": False, "test": test},
+        "seconds": seconds})
   write_jsonl(os.path.join(wd, "baselines", "late_fusion", "metrics.jsonl"), eval_records(0.55))
   write_json(os.path.join(wd, "backbones", "unimodal.json"), {
       "A": {"backbone": "mlp_a", "checkpoint_id": "abc", "val_accuracy": 0.55,
