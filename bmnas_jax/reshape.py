@@ -36,8 +36,12 @@ class ReshapeInput(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = resize_nearest(x, self.L)
-    x = layers.PointwiseConv(self.C, name="conv")(x)
+    # A 1x1 conv commutes with the resize: convolve the shorter of the two lengths
+    # (a vector stored once, L_in = 1, is convolved once, then repeated).
+    if x.shape[-1] < self.L:
+      x = resize_nearest(layers.PointwiseConv(self.C, name="conv")(x), self.L)
+    else:
+      x = layers.PointwiseConv(self.C, name="conv")(resize_nearest(x, self.L))
     x = layers.batch_norm(train, name="bn", fidelity=self.fidelity)(x)
     x = nn.relu(x)
     return layers.Dropout(self.dropout, deterministic=not train)(x)

@@ -150,9 +150,15 @@ def tree_state(root) -> dict:
 SMALL_RUN_EPOCHS = 4
 
 
+def small_run_config(**overrides):
+  """The config of `finished_small_run`: `small_planted_config` with two seeds (the
+  multi-process test shards them) and a 4-epoch search, plus `overrides`."""
+  return small_planted_config(**{"seeds": 2, "search.epochs": SMALL_RUN_EPOCHS, **overrides})
+
+
 @pytest.fixture(scope="session")
 def finished_small_run(tmp_path_factory):
-  """A finished `small_planted_config` run (prepare, a 4-epoch search, a 2-epoch
+  """A finished `small_run_config` run (prepare, a 4-epoch search of two seeds, a 2-epoch
   evaluation) for the modules that copy, resume or damage one (never changed in place):
   built once per session, by the first xdist worker that asks (the others wait for it)."""
   import fcntl
@@ -164,7 +170,7 @@ def finished_small_run(tmp_path_factory):
   with open(root / "finished_small_run.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not done.exists():
-      pipeline.run(small_planted_config(**{"search.epochs": SMALL_RUN_EPOCHS}), str(workdir))
+      pipeline.run(small_run_config(), str(workdir))
       done.touch()
   return str(workdir)
 

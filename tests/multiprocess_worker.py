@@ -2,7 +2,7 @@
 
 `python -m tests.multiprocess_worker PROCESS_ID PORT WORKDIR OUT CONFIG_JSON`: two fake
 CPU devices, gloo collectives, a coordinator on localhost:PORT, `pipeline.run` of
-`small_planted_config(**CONFIG_JSON)` in WORKDIR. Every write it attempts under WORKDIR
+`small_run_config(**CONFIG_JSON)` in WORKDIR. Every write it attempts under WORKDIR
 (Python audit events) is appended to OUT.writes as it happens (a killed run leaves them
 too); at the end OUT gets the results and the shape of every block of rows it read from
 the shards.
@@ -54,7 +54,7 @@ def main(process_id: int, port: int, workdir: str, out: str, overrides: dict) ->
   reads = []
   watch_writes(workdir, out + ".writes")
   from bmnas_jax import loop, pipeline
-  from tests.conftest import small_planted_config
+  from tests.conftest import small_run_config
   read = loop.RowReader.__call__
 
   def counted(self, rows):
@@ -62,7 +62,7 @@ def main(process_id: int, port: int, workdir: str, out: str, overrides: dict) ->
     return read(self, rows)
   loop.RowReader.__call__ = counted
 
-  config = small_planted_config(**overrides)
+  config = small_run_config(**overrides)
   config.distributed = True
   config.coordinator_address = f"localhost:{port}"
   config.num_processes, config.process_id = 2, process_id

@@ -14,13 +14,12 @@ from bmnas_jax import checkpoint, pipeline
 from bmnas_jax.errors import DataError
 from bmnas_jax.genotype import GenotypeError
 from experiments import cli
-from tests.conftest import SMALL_RUN_EPOCHS, small_planted_config
+from tests.conftest import small_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def small_config(**overrides):
-  return small_planted_config(**{"search.epochs": SMALL_RUN_EPOCHS, **overrides})
+small_config = small_run_config
 
 
 @pytest.fixture

@@ -9,13 +9,12 @@ import pytest
 
 from bmnas_jax import pipeline
 from bmnas_jax.errors import ConfigError
-from tests.conftest import SMALL_RUN_EPOCHS, small_planted_config, tree_state
+from tests.conftest import SMALL_RUN_EPOCHS, small_run_config, tree_state
 
 EPOCHS = SMALL_RUN_EPOCHS
 
 
-def _config(**overrides):
-  return small_planted_config(**{"search.epochs": EPOCHS, **overrides})
+_config = small_run_config
 
 
 @pytest.fixture

@@ -122,3 +122,31 @@ def test_config_errors_name_the_key():
   c.fidelity = "torch"
   with pytest.raises(ValueError, match=r"config.fidelity='torch'"):
     hypernet_from_config(c, nodes_from_config(c.data))
+
+
+@pytest.mark.parametrize("l_in", [1, 3, 8])
+def test_reshape_input_equals_conv_of_the_resized_input(l_in):
+  """ReshapeInput (train mode) = ReLU(BN_batch(conv(nearest-resize(x)))) computed here in
+  numpy: convolving a short input before repeating it changes nothing, the running
+  statistics included."""
+  from bmnas_jax.reshape import ReshapeInput
+  C, L = 6, 4
+  x = np.random.default_rng(0).standard_normal((5, 7, l_in)).astype(np.float32)
+  m = ReshapeInput(C, L, 0.0, "reference")
+  v = m.init(jax.random.key(0), x)
+  y, upd = m.apply(v, x, True, mutable=["batch_stats"])
+  idx = np.minimum(np.floor(np.arange(L) * l_in / L).astype(int), l_in - 1)
+  xr = x[:, :, idx]
+  p = v["params"]
+  z = np.einsum("ncl,cd->ndl", xr, np.asarray(p["conv"]["kernel"])) + \
+      np.asarray(p["conv"]["bias"])[None, :, None]
+  mean, var = z.mean(axis=(0, 2)), z.var(axis=(0, 2))
+  want = np.maximum((z - mean[None, :, None]) / np.sqrt(var[None, :, None] + 1e-5)
+                    * np.asarray(p["bn"]["scale"])[None, :, None]
+                    + np.asarray(p["bn"]["bias"])[None, :, None], 0)
+  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+  n = z.shape[0] * L
+  np.testing.assert_allclose(upd["batch_stats"]["bn"]["var"],
+                             0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["bn"]["mean"], 0.1 * mean, rtol=1e-5,
+                             atol=1e-7)

@@ -15,7 +15,7 @@ import pytest
 from bmnas_jax import pipeline
 from bmnas_jax.data.planted import planted_features
 from bmnas_jax.search import run_search
-from tests.conftest import planted_config, small_planted_config
+from tests.conftest import SMALL_RUN_EPOCHS, planted_config, small_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,15 +25,16 @@ def _read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-REF_EPOCHS = 4
+REF_EPOCHS = SMALL_RUN_EPOCHS
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """Two seeds, one device, uninterrupted: what every variant below must reproduce."""
-  c = small_planted_config(**{"seeds": 2, "search.epochs": REF_EPOCHS})
-  workdir = str(tmp_path_factory.mktemp("reference"))
-  return c, workdir, pipeline.run(c, workdir)
+def reference(finished_small_run, tmp_path_factory):
+  """Two seeds, one device, uninterrupted (the session's finished small run, its results
+  read back by re-running a copy): what every variant below must reproduce."""
+  c = small_run_config()
+  workdir = shutil.copytree(finished_small_run, tmp_path_factory.mktemp("reference") / "run")
+  return c, str(workdir), pipeline.run(c, str(workdir))
 
 
 def free_port() -> int:
@@ -74,7 +75,7 @@ def test_two_processes_killed_resume_and_agree_with_one_device(reference, tmp_pa
   nothing under the workdir in either start; no process read a whole batch."""
   c, _, res = reference
   workdir, out = tmp_path / "run", str(tmp_path / "out")
-  base = {"seeds": 2, "search.epochs": REF_EPOCHS, "devices": 4, "data.in_memory": False}
+  base = {"devices": 4, "data.in_memory": False}      # on top of small_run_config
   killed = start_pair(workdir, f"{out}_killed", {**base, "seed_shards": 2})
   ckpt = workdir / "search" / "checkpoints"
   deadline = time.monotonic() + 240
