@@ -10,7 +10,7 @@ from bmnas_jax.data.planted import planted_features
 from bmnas_jax.search import run_search
 from bmnas_jax.search_space import hypernet_from_config
 from bmnas_jax.steps import Steps, TrainState
-from tests.conftest import planted_config
+from tests.conftest import planted_config, small_run_config
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_nan_guard_names_the_quantity(setup):
 
 
 def test_search_stops_on_a_poisoned_batch(tmp_path):
-  c = planted_config(**{"search.epochs": 4})         # the trainers' reference program
+  c = small_run_config()             # the finished small run's program (compiled once)
   fs = planted_features(c)
   fs.splits["train"].features["B_2"][5, 1, 1] = np.inf       # every epoch reaches row 5
   fs.validate = lambda where="": None                        # bypass the input check
