@@ -9,6 +9,7 @@ import pytest
 from bmnas_jax import genotype as G
 from bmnas_jax.data.feature_set import nodes_from_config
 from bmnas_jax.fixed_net import FixedCell
+from bmnas_jax.reshape import ReshapeInput
 from bmnas_jax.search_space import SearchCell, hypernet_from_config
 from experiments.configs import ego, mmimdb, ntu
 from tests.conftest import jit_init, random_features, tiny_config
@@ -129,7 +130,6 @@ def test_reshape_input_equals_conv_of_the_resized_input(l_in):
   """ReshapeInput (train mode) = ReLU(BN_batch(conv(nearest-resize(x)))) computed here in
   numpy: convolving a short input before repeating it changes nothing, the running
   statistics included."""
-  from bmnas_jax.reshape import ReshapeInput
   C, L = 6, 4
   x = np.random.default_rng(0).standard_normal((5, 7, l_in)).astype(np.float32)
   m = ReshapeInput(C, L, 0.0, "reference")
