@@ -69,8 +69,8 @@ def run_ablations(config, fs: FeatureSet | ShardSource, searched: genotype_lib.G
       for table, name, g in planned])
   rows = [{"table": table, "name": name, "test": res["final_test"],
            "genotypes": [g.to_json_dict()]} for (table, name, g), res in zip(planned, results)]
-  random_values = [r["test"]["mean"] for r in rows if r["name"].startswith("random_")]
   trials = [r for r in rows if r["name"].startswith("random_")]
+  random_values = [t["test"]["mean"] for t in trials]
   summary_random = {"table": "feature_selection", "name": "random",
                     "test": {"mean": float(np.mean(random_values)),
                              "std": float(np.std(random_values)),

@@ -85,12 +85,11 @@ def test_block_sizes_leave_a_short_last_block():
   assert n_test % b                                                  # a padded, masked batch
 
 
-# 'epoch' alternation: two phases, each with its own short last block. 'step' streamed is
-# the multi-process test's (tests/test_trainers.py), against the in-memory run.
-@pytest.mark.parametrize("alternation", ["epoch"])
-def test_search_streamed_equals_in_memory(runs, alternation):
-  mem_dir, mem = runs("search", alternation, False)
-  str_dir, st = runs("search", alternation, True)
+def test_search_streamed_equals_in_memory(runs):
+  """'epoch' alternation: two phases, each with its own short last block ('step'
+  streamed is the multi-process test's, tests/test_trainers.py, against in memory)."""
+  mem_dir, mem = runs("search", "epoch", False)
+  str_dir, st = runs("search", "epoch", True)
   assert mem.epoch_traces == 1 and st.epoch_traces == 1   # the short last block: no retrace
   assert [g.to_json() for g in st.best_genotypes] == [g.to_json() for g in mem.best_genotypes]
   assert st.genotype.to_json() == mem.genotype.to_json()
