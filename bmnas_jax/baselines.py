@@ -63,7 +63,8 @@ class MLPBaseline(nn.Module):
     for name in self.nodes:
       x = features[name]
       if self.reshape:
-        x = ReshapeInput(self.C, self.L, self.dropout, name=f"reshape_{name}")(x, train)
+        x = layers.flatten_cl(
+            ReshapeInput(self.C, self.L, self.dropout, name=f"reshape_{name}")(x, train))
       flat.append(x.reshape(x.shape[0], -1))
     h = layers.Linear(self.hidden, name="fc1")(jnp.concatenate(flat, axis=-1))
     h = layers.batch_norm(train, name="bn")(nn.relu(h))

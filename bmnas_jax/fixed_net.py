@@ -18,7 +18,7 @@ from bmnas_jax.reshape import ReshapeInput
 class FixedCell(nn.Module):
   """A Cell with one op per step, as the genotype says.
 
-  Args (call): x, y `[N, C, L]`. Returns `[N, C, L]`.
+  Args (call): x, y `[N, L, C]`. Returns `[N, L, C]`.
   """
   gene: CellGene
   fidelity: str = "paper"

@@ -1,4 +1,11 @@
-"""Shared building blocks on [N, C, L] tensors: 1x1 conv, BatchNorm, LayerNorm, Linear."""
+"""Shared building blocks on channels-last `[N, L, C]` tensors: 1x1 conv, BatchNorm,
+LayerNorm, Linear.
+
+Inside the fusion network a state of C channels at L positions is stored `[N, L, C]`
+(channels minor): a 1x1 convolution is then one plain `[N*L, C_in] @ [C_in, D]`
+product with no transposes around it, on CPU and on accelerators alike. Parameters
+keep the release's shapes (LayerNorm `[C, L]`, the classifier's `(C, L)` flattening).
+"""
 
 from __future__ import annotations
 
@@ -20,20 +27,17 @@ def torch_uniform(fan_in: int):
 
 
 class PointwiseConv(nn.Module):
-  """1x1 Conv1d over channels: `[N, C_in, L] -> [N, features, L]` (with bias)."""
+  """1x1 Conv1d over channels: `[N, L, C_in] -> [N, L, features]` (with bias)."""
   features: int
   use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    c_in = x.shape[1]
+    c_in = x.shape[-1]
     kernel = self.param("kernel", torch_uniform(c_in), (c_in, self.features))
-    # [N, L, C_in] @ [C_in, D]: one plain matmul (faster on CPU than contracting
-    # the middle axis in place); the transposes are cheap next to it.
-    y = jnp.swapaxes(jnp.swapaxes(x, 1, 2) @ kernel, 1, 2)
+    y = x @ kernel
     if self.use_bias:
-      bias = self.param("bias", torch_uniform(c_in), (self.features,))
-      y = y + bias[None, :, None]
+      y = y + self.param("bias", torch_uniform(c_in), (self.features,))
     return y
 
 
@@ -139,7 +143,7 @@ class TorchBatchNorm(nn.Module):
 
 def batch_norm(train: bool, name: str | None = None,
                fidelity: str = "paper") -> nn.BatchNorm | TorchBatchNorm:
-  """BatchNorm1d over the channel axis of `[N, C, L]` (PyTorch momentum 0.1, eps 1e-5).
+  """BatchNorm1d over the channel axis of `[N, L, C]` (PyTorch momentum 0.1, eps 1e-5).
 
   `paper`: Flax's `nn.BatchNorm` (running variance from the biased batch variance).
   `reference`: `TorchBatchNorm`, whose running variance takes the unbiased batch
@@ -147,23 +151,42 @@ def batch_norm(train: bool, name: str | None = None,
   Call the result on `x` alone: the mode is fixed here by `train`.
   """
   if fidelity == "reference":
-    return TorchBatchNorm(momentum=0.9, epsilon=1e-5, axis=1, use_running_average=not train,
+    return TorchBatchNorm(momentum=0.9, epsilon=1e-5, axis=-1, use_running_average=not train,
                           name=name)
-  return nn.BatchNorm(use_running_average=not train, axis=1, momentum=0.9,
+  return nn.BatchNorm(use_running_average=not train, axis=-1, momentum=0.9,
                       epsilon=1e-5, name=name)
 
 
-def layer_norm_cl(name: str | None = None) -> nn.LayerNorm:
-  """LayerNorm over (C, L) of `[N, C, L]`, with a scale and bias per element."""
-  return nn.LayerNorm(epsilon=1e-5, reduction_axes=(-2, -1), feature_axes=(-2, -1),
-                      name=name)
+class LayerNormCL(nn.Module):
+  """PyTorch's `LayerNorm([C, L])` on a channels-last `[N, L, C]` state: statistics
+  over (L, C), a scale and a bias per element, stored `[C, L]` as the release's."""
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    l, c = x.shape[-2:]
+    scale = self.param("scale", nn.initializers.ones, (c, l), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c, l), jnp.float32)
+    mean = jnp.mean(x, axis=(-2, -1), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(-2, -1), keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale.T + bias.T
+
+
+def layer_norm_cl(name: str | None = None) -> LayerNormCL:
+  """LayerNorm over (C, L) of `[N, L, C]`, with a scale and bias `[C, L]`."""
+  return LayerNormCL(name=name)
+
+
+def flatten_cl(x: jax.Array) -> jax.Array:
+  """`[N, L, C] -> [N, C * L]` in the release's (C, L) order (index c * L + l)."""
+  return jnp.swapaxes(x, 1, 2).reshape(x.shape[0], -1)
 
 
 class CellTail(nn.Module):
   """A Cell's output: concat of chosen steps (+ conv/BN/ReLU/dropout when more
   than one), plus the residual x, then LayerNorm over (C, L).
 
-  Args: outs: list of `[N, C, L]` step outputs; x `[N, C, L]`. Returns `[N, C, L]`.
+  Args: outs: list of `[N, L, C]` step outputs; x `[N, L, C]`. Returns `[N, L, C]`.
   `fidelity` picks the BatchNorm's running-variance rule (`batch_norm`).
   """
   dropout: float = 0.0
@@ -171,8 +194,8 @@ class CellTail(nn.Module):
 
   @nn.compact
   def __call__(self, outs, x, train: bool = False):
-    c = x.shape[1]
-    out = jnp.concatenate(outs, axis=1)
+    c = x.shape[-1]
+    out = jnp.concatenate(outs, axis=-1)
     if len(outs) > 1:
       out = PointwiseConv(c, name="out_conv")(out)
       out = batch_norm(train, name="out_bn", fidelity=self.fidelity)(out)
@@ -184,12 +207,12 @@ class CellTail(nn.Module):
 class FusionHead(nn.Module):
   """Concat of the fused states -> LayerNorm -> ReLU -> flatten -> Linear.
 
-  Args: states: list of `[N, C, L]`. Returns logits `[N, num_classes]`.
+  Args: states: list of `[N, L, C]`. Returns logits `[N, num_classes]`.
   """
   num_classes: int
 
   @nn.compact
   def __call__(self, states):
-    out = jnp.concatenate(states, axis=1)
+    out = jnp.concatenate(states, axis=-1)
     out = nn.relu(layer_norm_cl(name="ln")(out))
-    return Linear(self.num_classes, name="classifier")(out.reshape(out.shape[0], -1))
+    return Linear(self.num_classes, name="classifier")(flatten_cl(out))

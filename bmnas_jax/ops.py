@@ -1,4 +1,4 @@
-"""Primitive fusion operations on (x, y) -> z, all `[N, C, L]`, and their registry."""
+"""Primitive fusion operations on (x, y) -> z, all channels-last `[N, L, C]`, and their registry."""
 
 from __future__ import annotations
 
@@ -38,12 +38,12 @@ def scaled_dot_attention(x: jax.Array, y: jax.Array) -> jax.Array:
   """softmax(x^T y / sqrt(C)) applied to y (paper Eq. 6).
 
   Queries come from x's L positions, keys and values from y's; channels are the
-  embedding. Args: x, y `[N, C, L]`. Returns `[N, C, L]`.
+  embedding. Args: x, y `[N, L, C]`. Returns `[N, L, C]`.
   """
-  c = x.shape[1]
-  scores = jnp.einsum("ncq,nck->nqk", x, y) / math.sqrt(c)     # [N, Lq, Lk]
+  c = x.shape[-1]
+  scores = jnp.einsum("nqc,nkc->nqk", x, y) / math.sqrt(c)     # [N, Lq, Lk]
   attn = jax.nn.softmax(scores, axis=-1)
-  return jnp.einsum("nqk,nck->ncq", attn, y)
+  return attn @ y
 
 
 class Zero(nn.Module):
@@ -86,14 +86,14 @@ class LinearGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x, y, train: bool = False):
-    c = x.shape[1]
+    c = x.shape[-1]
     if self.fidelity == "paper":
       a = layers.PointwiseConv(c, use_bias=False, name="w1")(x)
       b = layers.PointwiseConv(c, use_bias=False, name="w2")(y)
       return a * jax.nn.sigmoid(b)
-    out = layers.PointwiseConv(2 * c, name="conv")(jnp.concatenate([x, y], axis=1))
+    out = layers.PointwiseConv(2 * c, name="conv")(jnp.concatenate([x, y], axis=-1))
     out = layers.batch_norm(train, name="bn", fidelity=self.fidelity)(out)
-    out = out[:, :c] * jax.nn.sigmoid(out[:, c:])
+    out = out[..., :c] * jax.nn.sigmoid(out[..., c:])
     return layers.Dropout(self.dropout, deterministic=not train)(out)
 
 
@@ -108,8 +108,8 @@ class ConcatFC(nn.Module):
 
   @nn.compact
   def __call__(self, x, y, train: bool = False):
-    c = x.shape[1]
-    out = layers.PointwiseConv(c, name="conv")(jnp.concatenate([x, y], axis=1))
+    c = x.shape[-1]
+    out = layers.PointwiseConv(c, name="conv")(jnp.concatenate([x, y], axis=-1))
     if self.fidelity == "reference":
       out = layers.batch_norm(train, name="bn", fidelity=self.fidelity)(out)
       out = nn.relu(out)

@@ -1,4 +1,4 @@
-"""The original release's whole-Cell fusions of the Table 7 ablation, on (x, y) `[N, C, L]`.
+"""The original release's whole-Cell fusions of the Table 7 ablation, on (x, y) `[N, L, C]`.
 
 In the release a Table 7 strategy replaces the whole fused Cell (its inner steps
 and its tail: no residual, no LayerNorm over (C, L)); the Cell's inputs, the
@@ -21,11 +21,11 @@ from bmnas_jax import layers, ops
 
 def _check(x: jax.Array, y: jax.Array) -> None:
   if x.ndim != 3 or x.shape != y.shape:
-    raise ValueError(f"fusion inputs must both be [N, C, L], got {x.shape} and {y.shape}")
+    raise ValueError(f"fusion inputs must both be [N, L, C], got {x.shape} and {y.shape}")
 
 
 def _conv_bn_relu(out: jax.Array, c: int, dropout: float, train: bool) -> jax.Array:
-  """Conv1d(C_in -> c, 1x1) `conv`, BatchNorm(c) `bn`, ReLU, Dropout: `[N, C_in, L] -> [N, c, L]`.
+  """Conv1d(C_in -> c, 1x1) `conv`, BatchNorm(c) `bn`, ReLU, Dropout: `[N, L, C_in] -> [N, L, c]`.
 
   Called inside a compact method: the layers belong to the calling module.
   """
@@ -38,7 +38,7 @@ def _conv_bn_relu(out: jax.Array, c: int, dropout: float, train: bool) -> jax.Ar
 class SumFusion(nn.Module):
   """DARTS' summation (release `Found_DARTS_FusionNode`): x + y, no weights.
 
-  Args (call): x, y `[N, C, L]`. Returns `[N, C, L]`.
+  Args (call): x, y `[N, L, C]`. Returns `[N, L, C]`.
   """
   dropout: float = 0.0
 
@@ -52,15 +52,15 @@ class SumFusion(nn.Module):
 class ConcatFCFusion(nn.Module):
   """MFAS' concatenation + FC (release `Found_MFAS_FusionNode`).
 
-  concat(x, y) over channels `[N, 2C, L]` -> Conv1d(2C -> C) `conv` -> BatchNorm(C)
-  `bn` -> ReLU -> Dropout. Args (call): x, y `[N, C, L]`. Returns `[N, C, L]`.
+  concat(x, y) over channels `[N, L, 2C]` -> Conv1d(2C -> C) `conv` -> BatchNorm(C)
+  `bn` -> ReLU -> Dropout. Args (call): x, y `[N, L, C]`. Returns `[N, L, C]`.
   """
   dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array, train: bool = False) -> jax.Array:
     _check(x, y)
-    return _conv_bn_relu(jnp.concatenate([x, y], axis=1), x.shape[1], self.dropout, train)
+    return _conv_bn_relu(jnp.concatenate([x, y], axis=-1), x.shape[-1], self.dropout, train)
 
 
 class MHAFusion(nn.Module):
@@ -70,11 +70,11 @@ class MHAFusion(nn.Module):
   release's ScaledDotAttn on (x, y): softmax(x^T y / sqrt(C)) applied to y, then
   Dropout(0.1) and its own LayerNorm([C, L]); there are no query/key/value
   projections, so the heads differ only by their LayerNorm affines (and dropout
-  masks). The heads are concatenated over channels `[N, heads*C, L]` and projected
+  masks). The heads are concatenated over channels `[N, L, heads*C]` and projected
   back by Conv1d(heads*C -> C) `conv` -> BatchNorm(C) `bn` -> ReLU -> Dropout. The
   release uses two heads.
 
-  Args (call): x, y `[N, C, L]`. Returns `[N, C, L]`.
+  Args (call): x, y `[N, L, C]`. Returns `[N, L, C]`.
   """
   dropout: float = 0.0
   heads: int = 2
@@ -84,7 +84,7 @@ class MHAFusion(nn.Module):
     _check(x, y)
     outs = [ops.ScaleDotAttn("reference", name=f"scale_dot_attn{h + 1}")(x, y, train)
             for h in range(self.heads)]
-    return _conv_bn_relu(jnp.concatenate(outs, axis=1), x.shape[1], self.dropout, train)
+    return _conv_bn_relu(jnp.concatenate(outs, axis=-1), x.shape[-1], self.dropout, train)
 
 
 class AoAFusion(nn.Module):
@@ -92,10 +92,10 @@ class AoAFusion(nn.Module):
 
   v = ScaledDotAttn(x, y) `scale_dot_attn` (attention, Dropout(0.1), LayerNorm([C, L]));
   then the release's LinearGLU on (x, v) `cat_conv_glu`: z = BatchNorm(2C)(Conv1d(2C
-  -> 2C)(concat(x, v))), out = Dropout(z[:, :C] * sigmoid(z[:, C:])), i.e. AoA's
+  -> 2C)(concat(x, v))), out = Dropout(z[..., :C] * sigmoid(z[..., C:])), i.e. AoA's
   information i = W_i[x; v] + b_i gated by sigmoid(W_g[x; v] + b_g), with BatchNorm.
 
-  Args (call): x, y `[N, C, L]`. Returns `[N, C, L]`.
+  Args (call): x, y `[N, L, C]`. Returns `[N, L, C]`.
   """
   dropout: float = 0.0
 

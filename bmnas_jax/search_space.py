@@ -44,11 +44,11 @@ def edge_weights(logits: jax.Array) -> jax.Array:
 
 
 def _mix(weights: jax.Array, states: jax.Array, two_slot: bool):
-  """Weighted sums of stacked states `[P, N, C, L]`; returns (x, y) each `[N, C, L]`."""
+  """Weighted sums of stacked states `[P, N, L, C]`; returns (x, y) each `[N, L, C]`."""
   if two_slot:
-    return (jnp.einsum("p,pncl->ncl", weights[0], states),
-            jnp.einsum("p,pncl->ncl", weights[1], states))
-  mixed = jnp.einsum("p,pncl->ncl", weights, states)
+    return (jnp.einsum("p,pnlc->nlc", weights[0], states),
+            jnp.einsum("p,pnlc->nlc", weights[1], states))
+  mixed = jnp.einsum("p,pnlc->nlc", weights, states)
   return mixed, mixed
 
 
@@ -57,7 +57,7 @@ class SearchCell(nn.Module):
   `steps` inner steps, each a softmax(gamma)-weighted op pool (Eq. 10) over a
   softmax(beta)-weighted mix of the earlier inner nodes.
 
-  Args (call): preds: `[P, N, C, L]` stacked predecessors. Returns `[N, C, L]`.
+  Args (call): preds: `[P, N, L, C]` stacked predecessors. Returns `[N, L, C]`.
   """
   steps: int
   node_multiplier: int

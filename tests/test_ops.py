@@ -13,13 +13,21 @@ X = np.array([[[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]], np.float32)     # [1, C=2, L
 Y = np.array([[[1.0, 2.0, 0.5], [3.0, 4.0, -2.0]]], np.float32)
 
 
+def T(a):
+  """[N, C, L] <-> [N, L, C]: the expected values here are written channels first;
+  the ops take and return channels-last states."""
+  return np.swapaxes(np.asarray(a), 1, 2)
+
+
 def _init_apply(op, x, y, train=False, params=None):
+  """Runs `op` on channels-first x, y `[N, C, L]`; returns its output channels-first."""
+  x, y = T(x), T(y)
   v = op.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, y)
   if params is not None:
     v = {**v, "params": params}
   out = op.apply(v, x, y, train, rngs={"dropout": jax.random.key(2)},
                  mutable=["batch_stats"] if train else False)
-  return (out[0] if train else out), v
+  return T(out[0] if train else out), v
 
 
 def _attention_by_hand(x, y):
@@ -93,19 +101,20 @@ def test_concat_fc_paper_eq8():
 
 def test_linear_glu_reference_conv_bn_glu():
   op = ops.make_op("LinearGLU", "reference", 0.3)
-  v = op.init(jax.random.key(0), X, Y)
+  v = op.init(jax.random.key(0), T(X), T(Y))
   assert jax.tree.map(np.shape, v["params"]) == {
       "conv": {"kernel": (4, 4), "bias": (4,)}, "bn": {"scale": (4,), "bias": (4,)}}
   k, b = np.asarray(v["params"]["conv"]["kernel"]), np.asarray(v["params"]["conv"]["bias"])
   z = k.T @ np.concatenate([X, Y], axis=1)[0] + b[:, None]         # [2C, L]
   z = z / np.sqrt(1 + 1e-5)                                         # eval BN, fresh stats
   want = (z[:2] / (1 + np.exp(-z[2:])))[None]
-  np.testing.assert_allclose(op.apply(v, X, Y, False), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(T(op.apply(v, T(X), T(Y), False)), want, rtol=1e-5, atol=1e-6)
   # train mode: BatchNorm uses the batch statistics over (N, L) per channel
   xb = np.concatenate([X, Y, X * 2], axis=0)
   yb = np.concatenate([Y, X, -Y], axis=0)
-  out, upd = op.apply(v, xb, yb, True, rngs={"dropout": jax.random.key(0)},
+  out, upd = op.apply(v, T(xb), T(yb), True, rngs={"dropout": jax.random.key(0)},
                       mutable=["batch_stats"])
+  out = T(out)
   z = np.einsum("cd,ncl->ndl", k, np.concatenate([xb, yb], axis=1)) + b[None, :, None]
   mu, var = z.mean(axis=(0, 2), keepdims=True), z.var(axis=(0, 2), keepdims=True)
   z = (z - mu) / np.sqrt(var + 1e-5)
@@ -117,11 +126,11 @@ def test_linear_glu_reference_conv_bn_glu():
 
 def test_concat_fc_reference_has_bn():
   op = ops.make_op("ConcatFC", "reference", 0.0)
-  v = op.init(jax.random.key(0), X, Y)
+  v = op.init(jax.random.key(0), T(X), T(Y))
   k, b = np.asarray(v["params"]["conv"]["kernel"]), np.asarray(v["params"]["conv"]["bias"])
   want = np.maximum((k.T @ np.concatenate([X, Y], axis=1)[0] + b[:, None])
                     / np.sqrt(1 + 1e-5), 0)[None]
-  np.testing.assert_allclose(op.apply(v, X, Y, False), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(T(op.apply(v, T(X), T(Y), False)), want, rtol=1e-5, atol=1e-6)
 
 
 def test_registry_errors():

@@ -25,6 +25,12 @@ X = _rng.normal(size=(N, C, L)).astype(np.float32)
 Y = _rng.normal(size=(N, C, L)).astype(np.float32)
 
 
+def T(a):
+  """[N, C, L] <-> [N, L, C]: the expected values here are written channels first;
+  the layers take and return channels-last states."""
+  return np.swapaxes(np.asarray(a), 1, 2)
+
+
 def _randomized(variables, seed=1):
   """Every leaf replaced by random values (variances kept positive)."""
   leaves, tree = jax.tree.flatten_with_path(variables)
@@ -45,21 +51,21 @@ def _randomized(variables, seed=1):
 def test_batch_norm_running_variance(fidelity, ddof):
   bn = layers.batch_norm(True, fidelity=fidelity)
   assert isinstance(bn, nn.BatchNorm) == (fidelity == "paper")
-  v = bn.init(jax.random.key(0), X)
+  v = bn.init(jax.random.key(0), T(X))
   assert jax.tree.map(np.shape, v) == {"params": {"scale": (C,), "bias": (C,)},
                                        "batch_stats": {"mean": (C,), "var": (C,)}}
-  out, upd = bn.apply(v, X, mutable=["batch_stats"])
+  out, upd = bn.apply(v, T(X), mutable=["batch_stats"])
   mu, var = X.mean(axis=(0, 2)), X.var(axis=(0, 2))
-  np.testing.assert_allclose(out, (X - mu[:, None]) / np.sqrt(var[:, None] + EPS),
+  np.testing.assert_allclose(T(out), (X - mu[:, None]) / np.sqrt(var[:, None] + EPS),
                              rtol=1e-4, atol=1e-5)
   stats = upd["batch_stats"]
   np.testing.assert_allclose(stats["mean"], 0.1 * mu, rtol=1e-5, atol=1e-7)
   want = 0.9 * 1.0 + 0.1 * X.transpose(1, 0, 2).reshape(C, -1).var(axis=1, ddof=ddof)
   np.testing.assert_allclose(stats["var"], want, rtol=1e-5)
   # eval mode uses the running statistics
-  ev = layers.batch_norm(False, fidelity=fidelity).apply({**v, "batch_stats": stats}, X)
+  ev = layers.batch_norm(False, fidelity=fidelity).apply({**v, "batch_stats": stats}, T(X))
   np.testing.assert_allclose(
-      ev, (X - stats["mean"][:, None]) / np.sqrt(np.asarray(stats["var"])[:, None] + EPS),
+      T(ev), (X - stats["mean"][:, None]) / np.sqrt(np.asarray(stats["var"])[:, None] + EPS),
       rtol=1e-4, atol=1e-5)
 
 
@@ -78,10 +84,10 @@ def test_fusion_batch_norms_follow_the_fidelity(case):
     args, conv, bn = (X[:, :5],), "conv", "bn"
   elif case == "tail":
     make = lambda f: layers.CellTail(0.0, f)                          # noqa: E731
-    args, conv, bn = ([X, Y], X), "out_conv", "out_bn"
+    args, conv, bn = ([T(X), T(Y)], T(X)), "out_conv", "out_bn"
   else:
     make = lambda f: ops.make_op(case, f, 0.0) if f == "reference" else None  # noqa: E731
-    args, conv, bn = (X, Y), "conv", "bn"
+    args, conv, bn = (T(X), T(Y)), "conv", "bn"
   for fidelity in ("reference", "paper"):
     m = make(fidelity)
     if m is None:
@@ -89,7 +95,7 @@ def test_fusion_batch_norms_follow_the_fidelity(case):
     v = m.init(jax.random.key(0), *args)
     (_, state) = m.apply(v, *args, True, mutable=["batch_stats", "intermediates"],
                          capture_intermediates=True)
-    z = np.asarray(state["intermediates"][conv]["__call__"][0])
+    z = T(state["intermediates"][conv]["__call__"][0])            # [N, C', L]
     got = np.asarray(state["batch_stats"][bn]["var"])
     want = _unbiased_blend(z)
     if fidelity == "reference":
@@ -125,19 +131,19 @@ def _bn_eval(z, p, s):
 
 def _fusion(name):
   m = release_fusion.make_fusion(name, 0.2)
-  v = _randomized(m.init(jax.random.key(0), X, Y))
+  v = _randomized(m.init(jax.random.key(0), T(X), T(Y)))
   p, s = jax.tree.map(np.asarray, (v.get("params", {}), v.get("batch_stats", {})))
   return m, v, p, s
 
 
 def test_sum_and_concat_fc_fusions():
   m, v, p, s = _fusion("Sum")
-  assert v == {} and np.allclose(m.apply(v, X, Y), X + Y)
+  assert v == {} and np.allclose(T(m.apply(v, T(X), T(Y))), X + Y)
   m, v, p, s = _fusion("ConcatFC")
   assert jax.tree.map(np.shape, p) == {"conv": {"kernel": (2 * C, C), "bias": (C,)},
                                        "bn": {"scale": (C,), "bias": (C,)}}
   want = np.maximum(_bn_eval(_conv(np.concatenate([X, Y], 1), p["conv"]), p["bn"], s["bn"]), 0)
-  np.testing.assert_allclose(m.apply(v, X, Y), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(T(m.apply(v, T(X), T(Y))), want, rtol=1e-4, atol=1e-5)
 
 
 def test_mha_fusion_is_two_attention_heads_with_a_projection():
@@ -150,7 +156,7 @@ def test_mha_fusion_is_two_attention_heads_with_a_projection():
   heads = np.concatenate([_ln(a, p["scale_dot_attn1"]["ln"]),
                           _ln(a, p["scale_dot_attn2"]["ln"])], axis=1)
   want = np.maximum(_bn_eval(_conv(heads, p["conv"]), p["bn"], s["bn"]), 0)
-  np.testing.assert_allclose(m.apply(v, X, Y), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(T(m.apply(v, T(X), T(Y))), want, rtol=1e-4, atol=1e-5)
 
 
 def test_aoa_fusion_gates_attention_by_the_query():
@@ -164,7 +170,7 @@ def test_aoa_fusion_gates_attention_by_the_query():
   z = _bn_eval(_conv(np.concatenate([X, attended], 1), g["conv"]), g["bn"],
                s["cat_conv_glu"]["bn"])
   want = z[:, :C] / (1 + np.exp(-z[:, C:]))                        # i * sigmoid(g)
-  np.testing.assert_allclose(m.apply(v, X, Y), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(T(m.apply(v, T(X), T(Y))), want, rtol=1e-4, atol=1e-5)
 
 
 def _searched():
@@ -229,8 +235,8 @@ def test_paper_ablation_is_unchanged():
 
 
 class _ArchBN(nn.Module):
-  """The smallest model with arch weights and a fusion BatchNorm: features A `[N, C, L]`,
-  B `[N, C, L]` -> logits `[N, 3]`."""
+  """The smallest model with arch weights and a fusion BatchNorm: channels-last states
+  A `[N, L, C]`, B `[N, L, C]` -> logits `[N, 3]`."""
   fidelity: str
 
   @nn.compact
@@ -247,7 +253,7 @@ def test_arch_step_batch_stats(fidelity):
   steps = Steps.from_config(model, "single", optim.torch_adam_l2(1e-2),
                             optim.arch_optimizer(c.search.arch_opt), c)
   assert steps.arch_updates_batch_stats == (fidelity == "reference")
-  batch = {"x": {"A": X, "B": Y}, "y": np.array([0, 1, 2, 1])}
+  batch = {"x": {"A": T(X), "B": T(Y)}, "y": np.array([0, 1, 2, 1])}
   state = steps.init_state(jax.random.PRNGKey(0), batch["x"])
   new, out = jax.jit(steps.arch_step)(state, batch, jax.random.key(5))
   assert int(out["bad"]) == 0

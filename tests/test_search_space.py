@@ -144,7 +144,7 @@ def test_reshape_input_equals_conv_of_the_resized_input(l_in):
   want = np.maximum((z - mean[None, :, None]) / np.sqrt(var[None, :, None] + 1e-5)
                     * np.asarray(p["bn"]["scale"])[None, :, None]
                     + np.asarray(p["bn"]["bias"])[None, :, None], 0)
-  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.swapaxes(y, 1, 2), want, rtol=1e-4, atol=1e-5)   # [N, L, C]
   n = z.shape[0] * L
   np.testing.assert_allclose(upd["batch_stats"]["bn"]["var"],
                              0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
