@@ -26,6 +26,7 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)   # trainers, not ops
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from experiments.configs import common  # noqa: E402
@@ -58,6 +59,12 @@ def random_features(nodes, batch: int = 4, seed: int = 0):
 @pytest.fixture
 def tiny():
   return tiny_config()
+
+
+def swap_cl(a):
+  """`[N, C, L] <-> [N, L, C]`, as numpy: expected values in the tests are written
+  channels first; the fusion layers take and return channels-last states."""
+  return np.swapaxes(np.asarray(a), 1, 2)
 
 
 def jit_init(module, *args, seed: int = 0):

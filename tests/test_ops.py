@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 
 from bmnas_jax import ops
+from tests.conftest import swap_cl as T
 
 X = np.array([[[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]], np.float32)     # [1, C=2, L=3]
 Y = np.array([[[1.0, 2.0, 0.5], [3.0, 4.0, -2.0]]], np.float32)
-
-
-def T(a):
-  """[N, C, L] <-> [N, L, C]: the expected values here are written channels first;
-  the ops take and return channels-last states."""
-  return np.swapaxes(np.asarray(a), 1, 2)
 
 
 def _init_apply(op, x, y, train=False, params=None):

@@ -16,19 +16,13 @@ from bmnas_jax.errors import ConfigError
 from bmnas_jax.fixed_net import fixed_net_from_config
 from bmnas_jax.reshape import ReshapeInput
 from bmnas_jax.steps import Steps
-from tests.conftest import random_features, tiny_config
+from tests.conftest import random_features, swap_cl as T, tiny_config
 
 N, C, L = 4, 8, 3
 EPS = 1e-5
 _rng = np.random.default_rng(0)
 X = _rng.normal(size=(N, C, L)).astype(np.float32)
 Y = _rng.normal(size=(N, C, L)).astype(np.float32)
-
-
-def T(a):
-  """[N, C, L] <-> [N, L, C]: the expected values here are written channels first;
-  the layers take and return channels-last states."""
-  return np.swapaxes(np.asarray(a), 1, 2)
 
 
 def _randomized(variables, seed=1):

@@ -12,7 +12,7 @@ from bmnas_jax.fixed_net import FixedCell
 from bmnas_jax.reshape import ReshapeInput
 from bmnas_jax.search_space import SearchCell, hypernet_from_config
 from experiments.configs import ego, mmimdb, ntu
-from tests.conftest import jit_init, random_features, tiny_config
+from tests.conftest import jit_init, random_features, swap_cl, tiny_config
 
 # (num_cells, nodes, steps, pool size) -> expected shapes per cell
 EXPECTED = {
@@ -144,7 +144,7 @@ def test_reshape_input_equals_conv_of_the_resized_input(l_in):
   want = np.maximum((z - mean[None, :, None]) / np.sqrt(var[None, :, None] + 1e-5)
                     * np.asarray(p["bn"]["scale"])[None, :, None]
                     + np.asarray(p["bn"]["bias"])[None, :, None], 0)
-  np.testing.assert_allclose(np.swapaxes(y, 1, 2), want, rtol=1e-4, atol=1e-5)   # [N, L, C]
+  np.testing.assert_allclose(swap_cl(y), want, rtol=1e-4, atol=1e-5)
   n = z.shape[0] * L
   np.testing.assert_allclose(upd["batch_stats"]["bn"]["var"],
                              0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
