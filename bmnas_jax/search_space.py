@@ -43,12 +43,21 @@ def edge_weights(logits: jax.Array) -> jax.Array:
   return jax.nn.softmax(logits, axis=-1)[..., ops.IDENTITY]
 
 
-def _mix(weights: jax.Array, states: jax.Array, two_slot: bool):
-  """Weighted sums of stacked states `[P, N, L, C]`; returns (x, y) each `[N, L, C]`."""
+def _weighted_sum(weights: jax.Array, states) -> jax.Array:
+  """`sum_p weights[p] * states[p]`, written out as products and sums of the `[N, L, C]`
+  states (no stacked `[P, N, L, C]` copy: on CPU the stacked contraction and its
+  gradient cost about a fifth of a search step pair at the MM-IMDB shape)."""
+  out = weights[0] * states[0]
+  for p in range(1, len(states)):
+    out = out + weights[p] * states[p]
+  return out
+
+
+def _mix(weights: jax.Array, states, two_slot: bool):
+  """Weighted sums of P states `[N, L, C]`; returns (x, y) each `[N, L, C]`."""
   if two_slot:
-    return (jnp.einsum("p,pnlc->nlc", weights[0], states),
-            jnp.einsum("p,pnlc->nlc", weights[1], states))
-  mixed = jnp.einsum("p,pnlc->nlc", weights, states)
+    return _weighted_sum(weights[0], states), _weighted_sum(weights[1], states)
+  mixed = _weighted_sum(weights, states)
   return mixed, mixed
 
 
@@ -57,7 +66,8 @@ class SearchCell(nn.Module):
   `steps` inner steps, each a softmax(gamma)-weighted op pool (Eq. 10) over a
   softmax(beta)-weighted mix of the earlier inner nodes.
 
-  Args (call): preds: `[P, N, L, C]` stacked predecessors. Returns `[N, L, C]`.
+  Args (call): preds: the P predecessors, each `[N, L, C]` (a list, or an array
+  `[P, N, L, C]`). Returns `[N, L, C]`.
   """
   steps: int
   node_multiplier: int
@@ -66,10 +76,11 @@ class SearchCell(nn.Module):
   two_slot: bool = False
 
   @nn.compact
-  def __call__(self, preds: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, preds: Sequence[jax.Array] | jax.Array, train: bool = False
+               ) -> jax.Array:
     slots = (2,) if self.two_slot else ()
     pool = ops.step_op_pool(self.fidelity)
-    alpha = _arch_variable(self, "alpha", slots + (preds.shape[0], 2)).value
+    alpha = _arch_variable(self, "alpha", slots + (len(preds), 2)).value
     beta = _arch_variable(self, "beta", slots + (num_inner_edges(self.steps), 2)).value
     gamma = _arch_variable(self, "gamma", (self.steps, len(pool))).value
 
@@ -81,7 +92,7 @@ class SearchCell(nn.Module):
     for i in range(self.steps):
       n_in = len(states)
       w = beta_w[..., offset:offset + n_in]
-      sx, sy = _mix(w, jnp.stack(states), self.two_slot)
+      sx, sy = _mix(w, states, self.two_slot)
       out = 0.0
       for f, op_name in enumerate(pool):
         if op_name == "Zero":          # contributes 0; its weight only dilutes the others
@@ -119,7 +130,7 @@ class Hypernet(nn.Module):
     for k in range(self.num_cells):
       cell = SearchCell(self.steps, self.node_multiplier, self.fidelity, self.dropout,
                         self.two_slot, name=f"cell_{k}")
-      states.append(cell(jnp.stack(states), train))
+      states.append(cell(states, train))
     return layers.FusionHead(self.num_classes, name="head")(states[-self.multiplier:])
 
 
