@@ -85,6 +85,7 @@ class SearchCell(nn.Module):
     gamma = _arch_variable(self, "gamma", (self.steps, len(pool))).value
 
     x, y = _mix(edge_weights(alpha), preds, self.two_slot)
+    x, y = layers.materialize_grad(x), layers.materialize_grad(y)
     states = [x, y]
     beta_w = edge_weights(beta)
     gamma_w = jax.nn.softmax(gamma, axis=-1)
@@ -93,13 +94,14 @@ class SearchCell(nn.Module):
       n_in = len(states)
       w = beta_w[..., offset:offset + n_in]
       sx, sy = _mix(w, states, self.two_slot)
+      sx, sy = layers.materialize_grad(sx), layers.materialize_grad(sy)
       out = 0.0
       for f, op_name in enumerate(pool):
         if op_name == "Zero":          # contributes 0; its weight only dilutes the others
           continue
         op = ops.make_op(op_name, self.fidelity, self.dropout, name=f"step{i}_{op_name}")
         out = out + gamma_w[i, f] * op(sx, sy, train)
-      states.append(out)
+      states.append(layers.materialize_grad(out))
       offset += n_in
     return layers.CellTail(self.dropout, self.fidelity, name="tail")(
         states[-self.node_multiplier:], x, train)
