@@ -1,4 +1,4 @@
-"""Primitive ops: shapes in both fidelities and hand-computed values."""
+"""Primitive ops and layers: shapes in both fidelities and hand-computed values."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmnas_jax import ops
+from bmnas_jax import layers, ops
 from tests.conftest import swap_cl as T
 
 X = np.array([[[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]], np.float32)     # [1, C=2, L=3]
@@ -153,3 +153,37 @@ def test_hash_dropout_rate_scale_and_determinism():
   flat = kept.reshape(-1).astype(float)
   assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 0.02
   np.testing.assert_array_equal(layers.Dropout(0.25).apply({}, x), x)     # deterministic
+
+
+def test_materialize_grad_is_the_identity_and_its_loop_stays():
+  """Value and gradient are the identity's (also for a non-finite gradient); the loop
+  that makes XLA write the gradient once is still in the compiled program."""
+  x = jax.random.normal(jax.random.key(0), (3, 4, 5))
+  w = jax.random.normal(jax.random.key(1), (3, 4, 5))
+
+  def loss(x, w, wrap):
+    y = layers.materialize_grad(x) if wrap else x
+    return jnp.sum(jnp.sin(y) * w) + jnp.sum(y * y)
+
+  np.testing.assert_array_equal(layers.materialize_grad(x), x)
+  grad = jax.jit(jax.grad(loss), static_argnums=2)
+  np.testing.assert_array_equal(grad(x, w, True), grad(x, w, False))
+  w_nan = w.at[0, 0, 0].set(jnp.nan)
+  np.testing.assert_array_equal(grad(x, w_nan, True), grad(x, w_nan, False))
+  seeds = jax.jit(jax.vmap(jax.grad(loss), in_axes=(0, 0, None)), static_argnums=2)
+  np.testing.assert_array_equal(seeds(jnp.stack([x, -x]), jnp.stack([w, w_nan]), True),
+                                seeds(jnp.stack([x, -x]), jnp.stack([w, w_nan]), False))
+  hlo = jax.jit(jax.grad(loss), static_argnums=2).lower(x, w, True).compile().as_text()
+  assert " while(" in hlo
+
+
+def test_scale_shift_values_and_gradients_are_the_plain_expressions():
+  x, g = (jax.random.normal(jax.random.key(k), (6, 4, 5)) for k in (0, 1))
+  scale, bias = (jax.random.normal(jax.random.key(k), (4, 5)) for k in (2, 3))
+  plain = lambda x, s, b: x * s + b
+  np.testing.assert_allclose(layers.scale_shift(x, scale, bias), plain(x, scale, bias),
+                             rtol=1e-6)
+  _, vjp = jax.vjp(layers.scale_shift, x, scale, bias)
+  _, vjp_plain = jax.vjp(plain, x, scale, bias)
+  for got, want in zip(vjp(g), vjp_plain(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

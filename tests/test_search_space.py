@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from bmnas_jax import genotype as G
-from bmnas_jax import layers
 from bmnas_jax.data.feature_set import nodes_from_config
 from bmnas_jax.fixed_net import FixedCell
 from bmnas_jax.reshape import ReshapeInput
@@ -152,24 +151,3 @@ def test_reshape_input_equals_conv_of_the_resized_input(l_in):
   np.testing.assert_allclose(upd["batch_stats"]["bn"]["mean"], 0.1 * mean, rtol=1e-5,
                              atol=1e-7)
 
-
-def test_materialize_grad_is_the_identity_and_its_loop_stays():
-  """Value and gradient are the identity's (also for a non-finite gradient); the loop
-  that makes XLA write the gradient once is still in the compiled program."""
-  x = jax.random.normal(jax.random.key(0), (3, 4, 5))
-  w = jax.random.normal(jax.random.key(1), (3, 4, 5))
-
-  def loss(x, w, wrap):
-    y = layers.materialize_grad(x) if wrap else x
-    return jnp.sum(jnp.sin(y) * w) + jnp.sum(y * y)
-
-  np.testing.assert_array_equal(layers.materialize_grad(x), x)
-  grad = jax.jit(jax.grad(loss), static_argnums=2)
-  np.testing.assert_array_equal(grad(x, w, True), grad(x, w, False))
-  w_nan = w.at[0, 0, 0].set(jnp.nan)
-  np.testing.assert_array_equal(grad(x, w_nan, True), grad(x, w_nan, False))
-  seeds = jax.jit(jax.vmap(jax.grad(loss), in_axes=(0, 0, None)), static_argnums=2)
-  np.testing.assert_array_equal(seeds(jnp.stack([x, -x]), jnp.stack([w, w_nan]), True),
-                                seeds(jnp.stack([x, -x]), jnp.stack([w, w_nan]), False))
-  hlo = jax.jit(jax.grad(loss), static_argnums=2).lower(x, w, True).compile().as_text()
-  assert " while(" in hlo
