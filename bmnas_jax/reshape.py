@@ -40,10 +40,11 @@ class ReshapeInput(nn.Module):
     # A 1x1 conv commutes with the resize: convolve the shorter of the two lengths
     # (a vector stored once, L_in = 1, is convolved once, then repeated).
     x = jnp.swapaxes(x, 1, 2)                                  # [N, L_in, C_in]
+    conv = layers.PointwiseConv(self.C, name="conv", transposed_input=True)
     if x.shape[1] < self.L:
-      x = resize_nearest(layers.PointwiseConv(self.C, name="conv")(x), self.L, axis=1)
+      x = resize_nearest(conv(x), self.L, axis=1)
     else:
-      x = layers.PointwiseConv(self.C, name="conv")(resize_nearest(x, self.L, axis=1))
+      x = conv(resize_nearest(x, self.L, axis=1))
     x = layers.batch_norm(train, name="bn", fidelity=self.fidelity)(x)
     x = nn.relu(x)
     return layers.Dropout(self.dropout, deterministic=not train)(x)

@@ -187,3 +187,13 @@ def test_scale_shift_values_and_gradients_are_the_plain_expressions():
   _, vjp_plain = jax.vjp(plain, x, scale, bias)
   for got, want in zip(vjp(g), vjp_plain(g)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_values_and_gradients_are_the_plain_product():
+  x, g = (jax.random.normal(jax.random.key(k), s) for k, s in ((0, (3, 4, 6)), (1, (3, 4, 5))))
+  kernel = jax.random.normal(jax.random.key(2), (6, 5))
+  np.testing.assert_allclose(layers.matmul(x, kernel), x @ kernel, rtol=1e-6)
+  _, vjp = jax.vjp(layers.matmul, x, kernel)
+  _, vjp_plain = jax.vjp(lambda a, b: a @ b, x, kernel)
+  for got, want in zip(vjp(g), vjp_plain(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
