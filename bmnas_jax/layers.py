@@ -9,6 +9,7 @@ keep the release's shapes (LayerNorm `[C, L]`, the classifier's `(C, L)` flatten
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -34,33 +35,38 @@ class PointwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """`transposed_input`: x is a transposed view of a stored array (the reshape layers'
-    features); XLA's own gradient is faster there than `matmul`'s."""
+    """`transposed_input`: x is a transposed view of a stored array (see `matmul`)."""
     c_in = x.shape[-1]
     kernel = self.param("kernel", torch_uniform(c_in), (c_in, self.features))
-    y = x @ kernel if self.transposed_input else matmul(x, kernel)
+    y = matmul(x, kernel, self.transposed_input)
     if self.use_bias:
       y = y + self.param("bias", torch_uniform(c_in), (self.features,))
     return y
 
 
-@jax.custom_vjp
-def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """`x @ kernel` for `x` `[..., K]`, `kernel` `[K, D]`; the kernel's gradient is the
-  product `x[M, K].T @ g[M, D]` in the kernel's own layout (XLA on CPU otherwise
-  computes it transposed, and each optimizer update reads it transposed: about half
-  the optimizer's time at the NTU shape)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: jax.Array, kernel: jax.Array, transposed_input: bool = False) -> jax.Array:
+  """`x @ kernel` for `x` `[..., K]`, `kernel` `[K, D]`, with the kernel's gradient
+  written in the kernel's own layout.
+
+  XLA on CPU otherwise computes that gradient transposed, and each optimizer update
+  then reads it transposed (about half the optimizer's time at the NTU shape). The
+  gradient is `x[M, K].T @ g[M, D]`; with `transposed_input` (x a transposed view of a
+  stored array, as the reshape layers' features) that product is slow, and the
+  gradient is `(g.T @ x).T`, transposed once into a buffer of its own.
+  """
   return x @ kernel
 
 
-def _matmul_fwd(x, kernel):
+def _matmul_fwd(x, kernel, transposed_input):
   return x @ kernel, (x, kernel)
 
 
-def _matmul_bwd(res, g):
+def _matmul_bwd(transposed_input, res, g):
   x, kernel = res
   x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-  return g @ kernel.T, x2.T @ g2
+  dk = _written_once((g2.T @ x2).T) if transposed_input else x2.T @ g2
+  return g @ kernel.T, dk
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -276,8 +282,7 @@ def materialize_grad(x: jax.Array) -> jax.Array:
   A search Cell's mixed states are read by several candidate ops and their gradients
   summed; XLA's CPU fusion otherwise recomputes such a shared gradient inside each
   fusion that consumes it (on the search step pair at the MM-IMDB shape, about a
-  seventh of its time). Here the gradient passes through a loop whose trip count XLA
-  cannot know (it is 0 for any data), so it is written once and read by each consumer.
+  seventh of its time); here it is written once (`_written_once`) and read by each.
   """
   return x
 
@@ -287,9 +292,15 @@ def _materialize_fwd(x):
 
 
 def _materialize_bwd(_, g):
+  return (_written_once(g),)
+
+
+def _written_once(g: jax.Array) -> jax.Array:
+  """`g`, through a loop XLA cannot count (its trip count is 0 for any data): XLA
+  writes `g` once into the loop's buffer instead of recomputing it in each reader."""
   start = jnp.isnan(g.ravel()[0]).astype(jnp.int32)            # 0 or 1: never < 0
   _, g = jax.lax.while_loop(lambda c: c[0] < 0, lambda c: (c[0] + 1, 2 * c[1]), (start, g))
-  return (g,)
+  return g
 
 
 materialize_grad.defvjp(_materialize_fwd, _materialize_bwd)
