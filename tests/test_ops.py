@@ -189,11 +189,12 @@ def test_scale_shift_values_and_gradients_are_the_plain_expressions():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("transposed_input", [False, True])
-def test_matmul_values_and_gradients_are_the_plain_product(transposed_input):
+@pytest.mark.parametrize("transposed_input,narrow_output", [(False, False), (True, False),
+                                                            (False, True)])
+def test_matmul_values_and_gradients_are_the_plain_product(transposed_input, narrow_output):
   x, g = (jax.random.normal(jax.random.key(k), s) for k, s in ((0, (3, 4, 6)), (1, (3, 4, 5))))
   kernel = jax.random.normal(jax.random.key(2), (6, 5))
-  mm = lambda a, b: layers.matmul(a, b, transposed_input)
+  mm = lambda a, b: layers.matmul(a, b, transposed_input, narrow_output)
   np.testing.assert_allclose(mm(x, kernel), x @ kernel, rtol=1e-6)
   _, vjp = jax.vjp(mm, x, kernel)
   _, vjp_plain = jax.vjp(lambda a, b: a @ b, x, kernel)
