@@ -5,6 +5,10 @@ Inside the fusion network a state of C channels at L positions is stored `[N, L,
 (channels minor): a 1x1 convolution is then one plain `[N*L, C_in] @ [C_in, D]`
 product with no transposes around it, on CPU and on accelerators alike. Parameters
 keep the release's shapes (LayerNorm `[C, L]`, the classifier's `(C, L)` flattening).
+
+`materialize_grad`, `matmul` and `scale_shift` have custom gradients: the same values as
+JAX's own, computed in a form XLA runs faster on CPU (each says why; measured in the
+README's Performance section).
 """
 
 from __future__ import annotations
@@ -25,6 +29,37 @@ def torch_uniform(fan_in: int):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
+
+
+@jax.custom_vjp
+def materialize_grad(x: jax.Array) -> jax.Array:
+  """The identity; its gradient is computed once, into a buffer of its own.
+
+  A search Cell's mixed states are read by several candidate ops and their gradients
+  summed; XLA's CPU fusion otherwise recomputes such a shared gradient inside each
+  fusion that consumes it (on the search step pair at the MM-IMDB shape, about a
+  seventh of its time); here it is written once (`_written_once`) and read by each.
+  """
+  return x
+
+
+def _materialize_fwd(x):
+  return x, None
+
+
+def _materialize_bwd(_, g):
+  return (_written_once(g),)
+
+
+def _written_once(g: jax.Array) -> jax.Array:
+  """`g`, through a loop XLA cannot count (its trip count is 0 for any data): XLA
+  writes `g` once into the loop's buffer instead of recomputing it in each reader."""
+  start = jnp.isnan(g.ravel()[0]).astype(jnp.int32)            # 0 or 1: never < 0
+  _, g = jax.lax.while_loop(lambda c: c[0] < 0, lambda c: (c[0] + 1, 2 * c[1]), (start, g))
+  return g
+
+
+materialize_grad.defvjp(_materialize_fwd, _materialize_bwd)
 
 
 class PointwiseConv(nn.Module):
@@ -287,34 +322,3 @@ class FusionHead(nn.Module):
     out = jnp.concatenate(states, axis=-1)
     out = nn.relu(layer_norm_cl(name="ln")(out))
     return Linear(self.num_classes, narrow_output=True, name="classifier")(flatten_cl(out))
-
-
-@jax.custom_vjp
-def materialize_grad(x: jax.Array) -> jax.Array:
-  """The identity; its gradient is computed once, into a buffer of its own.
-
-  A search Cell's mixed states are read by several candidate ops and their gradients
-  summed; XLA's CPU fusion otherwise recomputes such a shared gradient inside each
-  fusion that consumes it (on the search step pair at the MM-IMDB shape, about a
-  seventh of its time); here it is written once (`_written_once`) and read by each.
-  """
-  return x
-
-
-def _materialize_fwd(x):
-  return x, None
-
-
-def _materialize_bwd(_, g):
-  return (_written_once(g),)
-
-
-def _written_once(g: jax.Array) -> jax.Array:
-  """`g`, through a loop XLA cannot count (its trip count is 0 for any data): XLA
-  writes `g` once into the loop's buffer instead of recomputing it in each reader."""
-  start = jnp.isnan(g.ravel()[0]).astype(jnp.int32)            # 0 or 1: never < 0
-  _, g = jax.lax.while_loop(lambda c: c[0] < 0, lambda c: (c[0] + 1, 2 * c[1]), (start, g))
-  return g
-
-
-materialize_grad.defvjp(_materialize_fwd, _materialize_bwd)

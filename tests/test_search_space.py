@@ -150,4 +150,3 @@ def test_reshape_input_equals_conv_of_the_resized_input(l_in):
                              0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
   np.testing.assert_allclose(upd["batch_stats"]["bn"]["mean"], 0.1 * mean, rtol=1e-5,
                              atol=1e-7)
-
