@@ -53,7 +53,11 @@ def _materialize_bwd(_, g):
 
 def _written_once(g: jax.Array) -> jax.Array:
   """`g`, through a loop XLA cannot count (its trip count is 0 for any data): XLA
-  writes `g` once into the loop's buffer instead of recomputing it in each reader."""
+  writes `g` once into the loop's buffer instead of recomputing it in each reader.
+  On CPU only: an accelerator's XLA fuses differently, and there a loop of unknown
+  trip count costs a round trip to the host."""
+  if jax.default_backend() != "cpu":
+    return g
   start = jnp.isnan(g.ravel()[0]).astype(jnp.int32)            # 0 or 1: never < 0
   _, g = jax.lax.while_loop(lambda c: c[0] < 0, lambda c: (c[0] + 1, 2 * c[1]), (start, g))
   return g
