@@ -177,16 +177,19 @@ def test_materialize_grad_is_the_identity_and_its_loop_stays():
   assert " while(" in hlo
 
 
+def _same_values_and_vjps(f, plain, args, g):
+  """`f` and `plain` agree on `args` in value and in their VJPs of cotangent `g`."""
+  np.testing.assert_allclose(f(*args), plain(*args), rtol=1e-6)
+  _, vjp = jax.vjp(f, *args)
+  _, vjp_plain = jax.vjp(plain, *args)
+  for got, want in zip(vjp(g), vjp_plain(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_scale_shift_values_and_gradients_are_the_plain_expressions():
   x, g = (jax.random.normal(jax.random.key(k), (6, 4, 5)) for k in (0, 1))
   scale, bias = (jax.random.normal(jax.random.key(k), (4, 5)) for k in (2, 3))
-  plain = lambda x, s, b: x * s + b
-  np.testing.assert_allclose(layers.scale_shift(x, scale, bias), plain(x, scale, bias),
-                             rtol=1e-6)
-  _, vjp = jax.vjp(layers.scale_shift, x, scale, bias)
-  _, vjp_plain = jax.vjp(plain, x, scale, bias)
-  for got, want in zip(vjp(g), vjp_plain(g)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  _same_values_and_vjps(layers.scale_shift, lambda x, s, b: x * s + b, (x, scale, bias), g)
 
 
 @pytest.mark.parametrize("transposed_input,narrow_output", [(False, False), (True, False),
@@ -194,9 +197,5 @@ def test_scale_shift_values_and_gradients_are_the_plain_expressions():
 def test_matmul_values_and_gradients_are_the_plain_product(transposed_input, narrow_output):
   x, g = (jax.random.normal(jax.random.key(k), s) for k, s in ((0, (3, 4, 6)), (1, (3, 4, 5))))
   kernel = jax.random.normal(jax.random.key(2), (6, 5))
-  mm = lambda a, b: layers.matmul(a, b, transposed_input, narrow_output)
-  np.testing.assert_allclose(mm(x, kernel), x @ kernel, rtol=1e-6)
-  _, vjp = jax.vjp(mm, x, kernel)
-  _, vjp_plain = jax.vjp(lambda a, b: a @ b, x, kernel)
-  for got, want in zip(vjp(g), vjp_plain(g)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  _same_values_and_vjps(lambda a, b: layers.matmul(a, b, transposed_input, narrow_output),
+                        lambda a, b: a @ b, (x, kernel), g)
