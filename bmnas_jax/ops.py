@@ -93,7 +93,7 @@ class LinearGLU(nn.Module):
       return a * jax.nn.sigmoid(b)
     out = layers.PointwiseConv(2 * c, name="conv")(jnp.concatenate([x, y], axis=-1))
     out = layers.batch_norm(train, name="bn", fidelity=self.fidelity)(out)
-    out = out[..., :c] * jax.nn.sigmoid(out[..., c:])
+    out = layers.glu(out)
     return layers.Dropout(self.dropout, deterministic=not train)(out)
 
 

@@ -179,7 +179,7 @@ def test_materialize_grad_is_the_identity_and_its_loop_stays():
 
 def _same_values_and_vjps(f, plain, args, g):
   """`f` and `plain` agree on `args` in value and in their VJPs of cotangent `g`."""
-  np.testing.assert_allclose(f(*args), plain(*args), rtol=1e-6)
+  np.testing.assert_allclose(f(*args), plain(*args), rtol=1e-6, atol=1e-6)
   _, vjp = jax.vjp(f, *args)
   _, vjp_plain = jax.vjp(plain, *args)
   for got, want in zip(vjp(g), vjp_plain(g)):
@@ -199,3 +199,23 @@ def test_matmul_values_and_gradients_are_the_plain_product(transposed_input, nar
   kernel = jax.random.normal(jax.random.key(2), (6, 5))
   _same_values_and_vjps(lambda a, b: layers.matmul(a, b, transposed_input, narrow_output),
                         lambda a, b: a @ b, (x, kernel), g)
+
+
+def test_glu_values_and_gradients_are_the_plain_expression():
+  z, g = (jax.random.normal(jax.random.key(k), s) for k, s in ((0, (3, 4, 10)), (1, (3, 4, 5))))
+  _same_values_and_vjps(layers.glu, lambda z: z[..., :5] * jax.nn.sigmoid(z[..., 5:]), (z,), g)
+
+
+def test_batch_norm_rows_values_and_gradients_are_the_plain_expression():
+  x = 3 * jax.random.normal(jax.random.key(0), (40, 6)) + 1
+  g = jax.random.normal(jax.random.key(1), (40, 6))
+  scale, bias = (jax.random.normal(jax.random.key(k), (6,)) for k in (2, 3))
+
+  def plain(x, s, b):
+    return (x - x.mean(0)) * jax.lax.rsqrt(x.var(0) + 1e-5) * s + b
+
+  _same_values_and_vjps(lambda x, s, b: layers.batch_norm_rows(x, s, b, 1e-5)[0], plain,
+                        (x, scale, bias), g)
+  _, mean, var = layers.batch_norm_rows(x, scale, bias, 1e-5)
+  np.testing.assert_allclose(mean, np.asarray(x).mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(var, np.asarray(x).var(0), rtol=1e-5)
