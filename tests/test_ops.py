@@ -219,3 +219,12 @@ def test_batch_norm_rows_values_and_gradients_are_the_plain_expression():
   _, mean, var = layers.batch_norm_rows(x, scale, bias, 1e-5)
   np.testing.assert_allclose(mean, np.asarray(x).mean(0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(var, np.asarray(x).var(0), rtol=1e-5)
+
+
+def test_attention_values_and_gradients_are_the_plain_expression():
+  x, y, g = (jax.random.normal(jax.random.key(k), (3, 5, 8)) for k in (0, 1, 2))
+
+  def plain(x, y):
+    return jax.nn.softmax(jnp.einsum("nqc,nkc->nqk", x, y) / np.sqrt(8), axis=-1) @ y
+
+  _same_values_and_vjps(ops.scaled_dot_attention, plain, (x, y), g)
