@@ -73,11 +73,25 @@ class PointwiseConv(nn.Module):
   transposed_input: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """`transposed_input`: x is a transposed view of a stored array (see `matmul`)."""
-    c_in = x.shape[-1]
+  def __call__(self, *parts: jax.Array) -> jax.Array:
+    """The convolution of the channel concatenation of `parts` (each `[N, L, C_k]`).
+
+    `transposed_input`: the input is a transposed view of a stored array (see
+    `matmul`). When every part is the same array (a search step whose two inputs are
+    one mixed state), `concat(x, x) @ kernel` is computed as `x @ (sum of the kernel's
+    row blocks)`: the same product at a fraction of the cost.
+    """
+    c_in = sum(p.shape[-1] for p in parts)
     kernel = self.param("kernel", torch_uniform(c_in), (c_in, self.features))
-    y = matmul(x, kernel, self.transposed_input)
+    if len(parts) > 1 and all(p is parts[0] for p in parts):
+      c = parts[0].shape[-1]
+      summed = kernel[:c]
+      for k in range(1, len(parts)):
+        summed = summed + kernel[k * c:(k + 1) * c]
+      y = matmul(parts[0], summed, self.transposed_input)
+    else:
+      x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+      y = matmul(x, kernel, self.transposed_input)
     if self.use_bias:
       y = y + self.param("bias", torch_uniform(c_in), (self.features,))
     return y

@@ -111,7 +111,7 @@ class LinearGLU(nn.Module):
       a = layers.PointwiseConv(c, use_bias=False, name="w1")(x)
       b = layers.PointwiseConv(c, use_bias=False, name="w2")(y)
       return a * jax.nn.sigmoid(b)
-    out = layers.PointwiseConv(2 * c, name="conv")(jnp.concatenate([x, y], axis=-1))
+    out = layers.PointwiseConv(2 * c, name="conv")(x, y)
     out = layers.batch_norm(train, name="bn", fidelity=self.fidelity)(out)
     out = layers.glu(out)
     return layers.Dropout(self.dropout, deterministic=not train)(out)
@@ -129,7 +129,7 @@ class ConcatFC(nn.Module):
   @nn.compact
   def __call__(self, x, y, train: bool = False):
     c = x.shape[-1]
-    out = layers.PointwiseConv(c, name="conv")(jnp.concatenate([x, y], axis=-1))
+    out = layers.PointwiseConv(c, name="conv")(x, y)
     if self.fidelity == "reference":
       out = layers.batch_norm(train, name="bn", fidelity=self.fidelity)(out)
       out = nn.relu(out)

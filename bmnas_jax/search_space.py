@@ -61,6 +61,15 @@ def _mix(weights: jax.Array, states, two_slot: bool):
   return mixed, mixed
 
 
+def _materialized(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(x, y) with their gradients written once (`layers.materialize_grad`); one array
+  passed twice stays one array (the ops then see `x is y`, see `layers.PointwiseConv`)."""
+  if x is y:
+    x = layers.materialize_grad(x)
+    return x, x
+  return layers.materialize_grad(x), layers.materialize_grad(y)
+
+
 class SearchCell(nn.Module):
   """A searchable Cell: mixes its predecessors (alpha, Eq. 1-2), then runs
   `steps` inner steps, each a softmax(gamma)-weighted op pool (Eq. 10) over a
@@ -84,8 +93,7 @@ class SearchCell(nn.Module):
     beta = _arch_variable(self, "beta", slots + (num_inner_edges(self.steps), 2)).value
     gamma = _arch_variable(self, "gamma", (self.steps, len(pool))).value
 
-    x, y = _mix(edge_weights(alpha), preds, self.two_slot)
-    x, y = layers.materialize_grad(x), layers.materialize_grad(y)
+    x, y = _materialized(*_mix(edge_weights(alpha), preds, self.two_slot))
     states = [x, y]
     beta_w = edge_weights(beta)
     gamma_w = jax.nn.softmax(gamma, axis=-1)
@@ -93,8 +101,7 @@ class SearchCell(nn.Module):
     for i in range(self.steps):
       n_in = len(states)
       w = beta_w[..., offset:offset + n_in]
-      sx, sy = _mix(w, states, self.two_slot)
-      sx, sy = layers.materialize_grad(sx), layers.materialize_grad(sy)
+      sx, sy = _materialized(*_mix(w, states, self.two_slot))
       out = 0.0
       for f, op_name in enumerate(pool):
         if op_name == "Zero":          # contributes 0; its weight only dilutes the others

@@ -182,7 +182,7 @@ def _same_values_and_vjps(f, plain, args, g):
   np.testing.assert_allclose(f(*args), plain(*args), rtol=1e-6, atol=1e-6)
   _, vjp = jax.vjp(f, *args)
   _, vjp_plain = jax.vjp(plain, *args)
-  for got, want in zip(vjp(g), vjp_plain(g)):
+  for got, want in zip(jax.tree.leaves(vjp(g)), jax.tree.leaves(vjp_plain(g)), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -228,3 +228,15 @@ def test_attention_values_and_gradients_are_the_plain_expression():
     return jax.nn.softmax(jnp.einsum("nqc,nkc->nqk", x, y) / np.sqrt(8), axis=-1) @ y
 
   _same_values_and_vjps(ops.scaled_dot_attention, plain, (x, y), g)
+
+
+def test_conv_of_one_array_twice_is_the_conv_of_the_concatenation():
+  """`PointwiseConv(x, x)` sums the kernel's halves instead of concatenating x with
+  itself: the same values and gradients (parameters and x) as the concatenation."""
+  conv = layers.PointwiseConv(5)
+  x, g = (jax.random.normal(jax.random.key(k), s) for k, s in ((0, (2, 3, 4)), (1, (2, 3, 5))))
+  params = conv.init(jax.random.key(2), x, x)
+  assert params["params"]["kernel"].shape == (8, 5)
+  twice = lambda p, x: conv.apply(p, x, x)
+  concat = lambda p, x: conv.apply(p, jnp.concatenate([x, x], axis=-1))
+  _same_values_and_vjps(twice, concat, (params, x), g)
