@@ -6,9 +6,9 @@ Inside the fusion network a state of C channels at L positions is stored `[N, L,
 product with no transposes around it, on CPU and on accelerators alike. Parameters
 keep the release's shapes (LayerNorm `[C, L]`, the classifier's `(C, L)` flattening).
 
-`materialize_grad`, `matmul` and `scale_shift` have custom gradients: the same values as
-JAX's own, computed in a form XLA runs faster on CPU (each says why; measured in the
-README's Performance section).
+`materialize_grad`, `matmul`, `glu`, `batch_norm_rows` and `scale_shift` have custom
+gradients: the same values as JAX's own, computed in a form XLA runs faster on CPU (each
+says why; measured in the README's Performance section).
 """
 
 from __future__ import annotations
