@@ -222,9 +222,9 @@ class TorchBatchNorm(nn.Module):
   stats with the batch mean and the UNBIASED variance (`m / (m - 1)`, m values per
   channel), as torch does: `running = momentum * running + (1 - momentum) * batch`
   (Flax momentum 0.9 is torch's 0.1); `unbiased_running_var=False` takes the biased
-  variance there instead (Flax's `nn.BatchNorm`). Eval mode uses the running stats. Variables
-  (the names and shapes of `nn.BatchNorm`): params `scale`, `bias`; batch_stats
-  `mean`, `var`, each `[C]`.
+  variance there instead (Flax's `nn.BatchNorm`). Train mode normalises through
+  `batch_norm_rows`. Eval mode uses the running stats. Variables (the names and shapes
+  of `nn.BatchNorm`): params `scale`, `bias`; batch_stats `mean`, `var`, each `[C]`.
 
   The mode is the call's `train` argument or, when that is None, `not
   use_running_average`.
@@ -263,7 +263,8 @@ class TorchBatchNorm(nn.Module):
       return jnp.moveaxis(y.reshape(rows.shape), -1, axis)
     shape = [1] * x.ndim
     shape[axis] = c
-    mean, var, scale, bias = (v.reshape(shape) for v in (ra_mean.value, ra_var.value, scale, bias))
+    mean, var, scale, bias = (v.reshape(shape)
+                              for v in (ra_mean.value, ra_var.value, scale, bias))
     return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
@@ -307,7 +308,8 @@ def _batch_norm_rows_bwd(epsilon, res, cotangents):
 batch_norm_rows.defvjp(_batch_norm_rows_fwd, _batch_norm_rows_bwd)
 
 
-def batch_norm(train: bool, name: str | None = None, fidelity: str = "paper") -> TorchBatchNorm:
+def batch_norm(train: bool, name: str | None = None,
+               fidelity: str = "paper") -> TorchBatchNorm:
   """BatchNorm1d over the channel axis of `[N, L, C]` (PyTorch momentum 0.1, eps 1e-5).
 
   `paper`: the running variance takes the biased batch variance (as Flax's
